@@ -1,0 +1,101 @@
+"""Backend registry: which implementation of the op contract (docs/semantics.md) runs.
+
+A backend is a module exposing `weight_fwd`, `weight_fwd_track`, `weight_bwd`, `act_fwd`, `act_bwd` with the
+signatures of `oscqat.reference`, and `check(device_type)` raising `BackendUnavailable` with the reason it
+cannot run tensors of that device type here.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+
+NAMES = ("auto", "torch", "triton", "cpp", "cuda")
+_MODULES = {"torch": "oscqat.reference", "triton": "oscqat.kernels", "cpp": "oscqat.cpp_backend",
+            "cuda": "oscqat.cpp_backend"}
+# Fastest first; 'auto' takes the first that can run the tensor's device type.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+_current = "auto"
+_fallbacks_said: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def load(name: str):
+    """The backend module for `name` (not 'auto')."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown oscqat backend {name!r}; choose one of {', '.join(NAMES)}")
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        raise BackendUnavailable(f"oscqat backend {name!r} is unavailable: {e}") from e
+
+
+def check(name: str, device_type: str) -> None:
+    """Raise BackendUnavailable unless backend `name` can run tensors on `device_type`."""
+    mod = load(name)
+    check_fn = getattr(mod, "check", None)
+    if check_fn is not None:
+        check_fn(name, device_type)
+
+
+def available(name: str, device_type: str) -> bool:
+    try:
+        check(name, device_type)
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def resolve(device_type: str) -> str:
+    """The concrete backend name for tensors on `device_type` under the current setting."""
+    if _current != "auto":
+        return _current
+    order = _AUTO_ORDER.get(device_type, ("torch",))
+    for name in order:
+        try:
+            check(name, device_type)
+            return name
+        except BackendUnavailable as e:
+            if name not in _fallbacks_said and name != "torch":
+                _fallbacks_said.add(name)
+                print(f"oscqat: falling back from {name!r} on {device_type}: {e}", file=sys.stderr)
+    return "torch"
+
+
+def get_backend() -> str:
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every oscqat op: 'auto' (fastest available per device) or a backend name."""
+    global _current
+    if name not in NAMES:
+        raise ValueError(f"unknown oscqat backend {name!r}; choose one of {', '.join(NAMES)}")
+    if name != "auto":
+        mod = load(name)
+        devices = getattr(mod, "DEVICE_TYPES", ("cpu", "cuda"))
+        reasons = []
+        for dev in devices:
+            try:
+                check(name, dev)
+                break
+            except BackendUnavailable as e:
+                reasons.append(str(e))
+        else:
+            raise BackendUnavailable("; ".join(reasons) or f"oscqat backend {name!r} is unavailable")
+    _current = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of `set_backend`; restores the previous setting on exit."""
+    previous = _current
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)

@@ -1,0 +1,128 @@
+"""The op contract as torch.library custom ops: one schema per op, the backend chosen by a string argument.
+
+Each op runs the raw kernel of the named backend (`oscqat.backend`); fake implementations let
+`torch.compile` trace through without a graph break. One autograd Function per quantizer kind ties the
+forward ops to the backward ops (the tracked forward mutates state, so it cannot carry a registered autograd
+formula itself). Semantics: docs/semantics.md.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+
+_DENSE = torch.contiguous_format
+
+
+def _impl(name: str):
+    return _backend.load(name)
+
+
+# ---------------------------------------------------------------- weights
+@torch.library.custom_op("oscqat::weight_quant", mutates_args=())
+def weight_quant(w: Tensor, scale: Tensor, flags: Optional[Tensor], ema: Optional[Tensor], n: int, p: int,
+                 damp: bool, damp_div: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).weight_fwd(w.contiguous(), scale, flags, ema, n, p, damp, damp_div)
+
+
+@weight_quant.register_fake
+def _(w, scale, flags, ema, n, p, damp, damp_div, backend):
+    return torch.empty_like(w, memory_format=_DENSE), w.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("oscqat::weight_quant_track", mutates_args=("prev_int", "flags", "freq", "ema"))
+def weight_quant_track(w: Tensor, scale: Tensor, prev_int: Tensor, flags: Tensor, freq: Tensor, ema: Tensor,
+                       f_th: Tensor, n: int, p: int, momentum: float, damp: bool, damp_div: float,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _impl(backend).weight_fwd_track(w.contiguous(), scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp,
+                                           damp_div)
+
+
+@weight_quant_track.register_fake
+def _(w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp, damp_div, backend):
+    return (torch.empty_like(w, memory_format=_DENSE), w.new_empty((), dtype=torch.float32),
+            w.new_empty((2,), dtype=torch.int32))
+
+
+@torch.library.custom_op("oscqat::weight_quant_bwd", mutates_args=())
+def weight_quant_bwd(g: Tensor, w: Tensor, scale: Tensor, flags: Optional[Tensor], ema: Optional[Tensor],
+                     grad_d: Tensor, n: int, p: int, grad_scale: float, damp: bool, damp_div: float,
+                     tracked: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).weight_bwd(g.contiguous(), w.contiguous(), scale, flags, ema, grad_d, n, p, grad_scale, damp,
+                                     damp_div, tracked)
+
+
+@weight_quant_bwd.register_fake
+def _(g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp, damp_div, tracked, backend):
+    return torch.empty_like(w, dtype=g.dtype, memory_format=_DENSE), torch.empty_like(scale, dtype=torch.float32)
+
+
+class WeightQuantFn(torch.autograd.Function):
+    """w -> (w_hat, D [, counts]); tracks and updates the state in place when `state` is given."""
+
+    @staticmethod
+    def forward(ctx, w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend):
+        if track_state is not None:
+            prev_int, freq = track_state
+            w_hat, d, counts = weight_quant_track(w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum,
+                                                  damp, damp_div, backend)
+        else:
+            w_hat, d = weight_quant(w, scale, flags, ema, n, p, damp, damp_div, backend)
+            counts = None
+        ctx.save_for_backward(w, scale, flags, ema)
+        ctx.args = (n, p, grad_scale, damp, damp_div, track_state is not None, backend)
+        ctx.mark_non_differentiable(*(t for t in (counts,) if t is not None))
+        return w_hat, d, counts
+
+    @staticmethod
+    def backward(ctx, g, g_d, _g_counts):
+        w, scale, flags, ema = ctx.saved_tensors
+        n, p, grad_scale, damp, damp_div, tracked, backend = ctx.args
+        if g_d is None or not damp:
+            g_d = torch.zeros((), dtype=torch.float32, device=w.device)
+        if g is None:
+            g = torch.zeros_like(w)
+        gw, gs = weight_quant_bwd(g, w, scale, flags, ema, g_d, n, p, grad_scale, damp, damp_div, tracked,
+                                  backend)
+        return (gw, gs.to(scale.dtype)) + (None,) * 11
+
+
+# ---------------------------------------------------------------- activations
+@torch.library.custom_op("oscqat::act_quant", mutates_args=())
+def act_quant(x: Tensor, scale: Tensor, offset: Optional[Tensor], n: int, p: int, backend: str) -> Tensor:
+    return _impl(backend).act_fwd(x.contiguous(), scale, offset, n, p)
+
+
+@act_quant.register_fake
+def _(x, scale, offset, n, p, backend):
+    return torch.empty_like(x, memory_format=_DENSE)
+
+
+@torch.library.custom_op("oscqat::act_quant_bwd", mutates_args=())
+def act_quant_bwd(g: Tensor, x: Tensor, scale: Tensor, offset: Optional[Tensor], n: int, p: int,
+                  grad_scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _impl(backend).act_bwd(g.contiguous(), x.contiguous(), scale, offset, n, p, grad_scale)
+
+
+@act_quant_bwd.register_fake
+def _(g, x, scale, offset, n, p, grad_scale, backend):
+    f32 = torch.float32
+    return torch.empty_like(x, memory_format=_DENSE), torch.empty_like(scale, dtype=f32), torch.empty_like(scale, dtype=f32)
+
+
+class ActQuantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, offset, n, p, grad_scale, backend):
+        ctx.save_for_backward(x, scale, offset)
+        ctx.args = (n, p, grad_scale, backend)
+        return act_quant(x, scale, offset, n, p, backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale, offset = ctx.saved_tensors
+        n, p, grad_scale, backend = ctx.args
+        gx, gs, go = act_quant_bwd(g, x, scale, offset, n, p, grad_scale, backend)
+        return gx, gs.to(scale.dtype), (None if offset is None else go.to(offset.dtype)), None, None, None, None
