@@ -1,5 +1,23 @@
-"""oscqat: oscillation-aware quantization-aware training. Semantics: docs/semantics.md."""
-from .backend import BackendUnavailable, get_backend, set_backend, use_backend
-from . import ops  # registers the torch.library ops
+"""oscqat: oscillation-aware quantization-aware training. Semantics: docs/semantics.md.
 
-__all__ = ["BackendUnavailable", "get_backend", "set_backend", "use_backend", "ops"]
+    model = oscqat.prepare(model, oscqat.QATConfig(weight_bits=4, act_bits=4), calib_data=batches)
+    sched = oscqat.QATSchedule(model, total_steps)
+    ...   loss = task_loss + sched.lam * oscqat.dampening_loss(model); ...; opt.step(); sched.step()
+    oscqat.reestimate_bn(model, batches)
+"""
+from . import ops  # registers the torch.library ops
+from .backend import BackendUnavailable, get_backend, set_backend, use_backend
+from .bn import reestimate_bn
+from .config import QATConfig
+from .dampening import dampening_loss
+from .layers import QuantConv1d, QuantConv2d, QuantLinear
+from .prepare import prepare, weight_quantizers
+from .quantizers import QuantAct, WeightQuantizer
+from .report import format_report, oscillation_report
+from .schedule import QATSchedule, arm_tracking
+
+__all__ = ["BackendUnavailable", "QATConfig", "QATSchedule", "QuantAct", "QuantConv1d", "QuantConv2d",
+           "QuantLinear", "WeightQuantizer", "arm_tracking", "dampening_loss", "format_report", "get_backend",
+           "oscillation_report", "ops", "prepare", "reestimate_bn", "set_backend", "use_backend",
+           "weight_quantizers"]
+__version__ = "0.1.0"

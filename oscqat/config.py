@@ -1,0 +1,72 @@
+"""QATConfig: what `oscqat.prepare` quantizes, how, and with which oscillation remedy."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
+INITS = ("mse", "lsq", "minmax")
+DAMP_REDUCTIONS = ("sum", "kernel_mean")
+
+
+def check_bits(bits, what: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{what}: bits must be an integer in 2..8, got {bits!r}")
+    return bits
+
+
+@dataclass
+class QATConfig:
+    """Validated on construction; every field has the default a MobileNet-class W4A4 run wants."""
+    weight_bits: int = 4
+    act_bits: int = 4
+    per_channel: bool = False
+    method: str = "dampen+freeze"
+    quantize_activations: bool = True
+    first_last_bits: int | None = 8          # None: first/last layers get weight_bits/act_bits too
+    skip: tuple[str, ...] = ()               # fnmatch patterns of module names left in float
+    track: bool = True                       # oscillation tracking (needed by 'freeze' and the reports)
+    track_max_bits: int = 4                  # track/freeze/dampen only layers at <= this many bits
+    momentum: float = 0.001                  # EMA momentum of the oscillation frequency and integer EMA
+    freeze_start: float = 0.04               # f_th annealed by a cosine from start to end
+    freeze_end: float = 0.01
+    damp_lambda: float = 0.01                # lambda annealed by a cosine from 0 to this
+    warmup: float = 0.25                     # fraction of steps before freezing/dampening start
+    damp_reduction: str = "kernel_mean"
+    weight_init: str = "mse"
+    act_init: str = "mse"
+    lsq_grad_scale: bool = True
+    act_offset: bool = False                 # LSQ+ learned offset for activations
+    calib_batches: int = 8
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_bits(self.weight_bits, "QATConfig.weight_bits")
+        check_bits(self.act_bits, "QATConfig.act_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "QATConfig.first_last_bits")
+        check_bits(self.track_max_bits, "QATConfig.track_max_bits")
+        if self.method not in METHODS:
+            raise ValueError(f"QATConfig.method must be one of {METHODS}, got {self.method!r}")
+        for name, allowed in (("weight_init", INITS), ("act_init", INITS), ("damp_reduction", DAMP_REDUCTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"QATConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 < self.momentum < 1.0:
+            raise ValueError(f"QATConfig.momentum must be in (0, 1), got {self.momentum!r}")
+        for name in ("freeze_start", "freeze_end", "damp_lambda"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"QATConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"QATConfig.warmup must be in [0, 1), got {self.warmup!r}")
+        if self.freeze and not self.track:
+            raise ValueError("QATConfig: method 'freeze' needs track=True")
+        self.skip = tuple(self.skip)
+
+    @property
+    def dampen(self) -> bool:
+        return "dampen" in self.method
+
+    @property
+    def freeze(self) -> bool:
+        return "freeze" in self.method

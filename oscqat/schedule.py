@@ -1,0 +1,79 @@
+"""QATSchedule: anneals the freezing threshold and the dampening strength, and arms tracking once per step."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .config import QATConfig
+from .prepare import weight_quantizers
+
+
+def arm_tracking(model: nn.Module) -> None:
+    """Make the next training forward of every weight quantizer the tracked one (once per optimizer step)."""
+    for q in weight_quantizers(model):
+        q.arm()
+
+
+def cosine_ramp(step: int, total: int, warmup: float) -> float:
+    """0 until `warmup * total`, then (1 - cos) / 2 rising from 0 to 1 at `total` (as CosineTempDecay)."""
+    start = warmup * total
+    if step < start or total <= 0:
+        return 0.0
+    u = min(1.0, (step - start) / max(1e-12, total - start))
+    return 0.5 * (1.0 - math.cos(math.pi * u))
+
+
+class QATSchedule:
+    """Step once per optimizer step, from any plain PyTorch loop:
+
+        sched = QATSchedule(model, total_steps)
+        for x, y in data:
+            loss = F.cross_entropy(model(x), y) + sched.lam * oscqat.dampening_loss(model)
+            loss.backward(); opt.step(); opt.zero_grad(); sched.step()
+
+    f_th goes by a cosine from `freeze_start` to `freeze_end` after the warm-up (freezing off before it);
+    lam from 0 to `damp_lambda` by the same shape."""
+
+    def __init__(self, model: nn.Module, total_steps: int, config: QATConfig | None = None):
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"QATSchedule: total_steps must be a positive integer, got {total_steps!r}")
+        self.config = config or getattr(model, "_oscqat_config", None) or QATConfig()
+        self.model = model
+        self.total_steps = total_steps
+        self.step_count = 0
+        self._apply()
+
+    @property
+    def ramp(self) -> float:
+        return cosine_ramp(self.step_count, self.total_steps, self.config.warmup)
+
+    @property
+    def freeze_threshold(self) -> float:
+        c = self.config
+        if not c.freeze or self.step_count < c.warmup * self.total_steps:
+            return 0.0
+        return c.freeze_end + (c.freeze_start - c.freeze_end) * (1.0 - self.ramp)
+
+    @property
+    def lam(self) -> float:
+        return self.config.damp_lambda * self.ramp if self.config.dampen else 0.0
+
+    def _apply(self) -> None:
+        f_th = self.freeze_threshold
+        for q in weight_quantizers(self.model):
+            if q.freeze:
+                q.freeze_threshold.fill_(f_th)
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+        arm_tracking(self.model)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.total_steps = int(state["total_steps"])
+        self._apply()
