@@ -10,6 +10,8 @@ import contextlib
 import importlib
 import sys
 
+import torch
+
 NAMES = ("auto", "torch", "triton", "cpp", "cuda")
 _MODULES = {"torch": "oscqat.reference", "triton": "oscqat.kernels", "cpp": "oscqat.cpp_backend",
             "cuda": "oscqat.cpp_backend"}
@@ -18,6 +20,7 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 _current = "auto"
 _fallbacks_said: set[str] = set()
+_resolved: dict[tuple[str, str], str] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -50,10 +53,17 @@ def available(name: str, device_type: str) -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result
 def resolve(device_type: str) -> str:
-    """The concrete backend name for tensors on `device_type` under the current setting."""
-    if _current != "auto":
-        return _current
+    """The concrete backend name for tensors on `device_type` under the current setting (a constant for
+    torch.compile: it is decided once per setting and device type)."""
+    key = (_current, device_type)
+    if key not in _resolved:
+        _resolved[key] = _current if _current != "auto" else _first_available(device_type)
+    return _resolved[key]
+
+
+def _first_available(device_type: str) -> str:
     order = _AUTO_ORDER.get(device_type, ("torch",))
     for name in order:
         try:

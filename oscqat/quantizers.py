@@ -108,12 +108,16 @@ class WeightQuantizer(nn.Module):
 
     # ---- views of the packed state (docs/semantics.md)
     def frozen(self) -> torch.Tensor:
+        if self.flags is None:
+            return torch.zeros(self.shape, dtype=torch.bool, device=self.scale.device)
         return decode_flags(self.flags)[0] >= 1
 
     def frozen_int(self) -> torch.Tensor:
         return torch.where(self.frozen(), self.ema, torch.zeros_like(self.ema)).to(torch.int8)
 
     def last_dir(self) -> torch.Tensor:
+        if self.flags is None:
+            return torch.zeros(self.shape, dtype=torch.int8, device=self.scale.device)
         return decode_flags(self.flags)[1].to(torch.int8)
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
