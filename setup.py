@@ -9,6 +9,10 @@ setup(
     package_dir={"oscqat": "oscqat", "oscqat.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "plot": ["matplotlib"], "test": ["pytest", "hypothesis"]},
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "train": ["matplotlib", "tqdm", "scikit-learn"],
+        "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "tqdm", "scikit-learn", "pytest-benchmark"],
+    },
     entry_points={"console_scripts": ["oscqat=oscqat.cli:main"]},
 )

@@ -37,9 +37,15 @@ def load(name: str):
         raise BackendUnavailable(f"oscqat backend {name!r} is unavailable: {e}") from e
 
 
+_OPS = ("weight_fwd", "weight_fwd_track", "weight_bwd", "act_fwd", "act_bwd")
+
+
 def check(name: str, device_type: str) -> None:
     """Raise BackendUnavailable unless backend `name` can run tensors on `device_type`."""
     mod = load(name)
+    missing = [op for op in _OPS if not hasattr(mod, op)]
+    if missing:
+        raise BackendUnavailable(f"oscqat backend {name!r} does not implement {', '.join(missing)}")
     check_fn = getattr(mod, "check", None)
     if check_fn is not None:
         check_fn(name, device_type)
