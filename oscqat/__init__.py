@@ -9,15 +9,17 @@ from . import ops  # registers the torch.library ops
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .bn import reestimate_bn
 from .config import QATConfig
+from .correction import quantization_correction
 from .dampening import dampening_loss
+from .ema import QATModelEMA
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .prepare import prepare, weight_quantizers
 from .quantizers import QuantAct, WeightQuantizer
 from .report import format_report, oscillation_report
 from .schedule import QATSchedule, arm_tracking
 
-__all__ = ["BackendUnavailable", "QATConfig", "QATSchedule", "QuantAct", "QuantConv1d", "QuantConv2d",
+__all__ = ["BackendUnavailable", "QATConfig", "QATModelEMA", "QATSchedule", "QuantAct", "QuantConv1d", "QuantConv2d",
            "QuantLinear", "WeightQuantizer", "arm_tracking", "dampening_loss", "format_report", "get_backend",
-           "oscillation_report", "ops", "prepare", "reestimate_bn", "set_backend", "use_backend",
+           "oscillation_report", "ops", "prepare", "quantization_correction", "reestimate_bn", "set_backend", "use_backend",
            "weight_quantizers"]
 __version__ = "0.1.0"

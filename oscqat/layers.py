@@ -15,6 +15,7 @@ from .quantizers import QuantAct, WeightQuantizer
 class _QuantLayer:
     weight_quant: WeightQuantizer
     input_quant: QuantAct | None
+    output_correction: nn.Module | None
 
     def _setup_quant(self, config: QATConfig, weight_bits: int | None, act_bits: int | None, name: str):
         config = config or QATConfig()
@@ -28,9 +29,13 @@ class _QuantLayer:
         self.input_quant = QuantAct(ab, signed=True, offset=config.act_offset, lsq_grad_scale=config.lsq_grad_scale,
                                     name=f"{name}.input" if name else f"{type(self).__name__}.input") \
             if config.quantize_activations else None
+        self.output_correction = None      # set by oscqat.correction.quantization_correction
 
     def _quant_input(self, x):
         return x if self.input_quant is None else self.input_quant(x)
+
+    def _correct(self, out):
+        return out if self.output_correction is None else self.output_correction(out)
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QATConfig | None = None, *, weight_bits: int | None = None,
@@ -59,7 +64,7 @@ class QuantConv1d(_QuantLayer, nn.Conv1d):
     _float_kwargs = staticmethod(_conv_kwargs)
 
     def forward(self, x):
-        return self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        return self._correct(self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias))
 
 
 class QuantConv2d(_QuantLayer, nn.Conv2d):
@@ -70,7 +75,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
     _float_kwargs = staticmethod(_conv_kwargs)
 
     def forward(self, x):
-        return self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        return self._correct(self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias))
 
 
 class QuantLinear(_QuantLayer, nn.Linear):
@@ -82,7 +87,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
                                                 bias=m.bias is not None))
 
     def forward(self, x):
-        return F.linear(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        return self._correct(F.linear(self._quant_input(x), self.weight_quant(self.weight), self.bias))
 
 
 FLOAT_TO_QUANT = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
