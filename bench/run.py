@@ -1,0 +1,508 @@
+"""oscqat benchmarks: kernels, the MobileNetV2 weight-set QAT step and the end-to-end training step, against
+reference-eager (our re-implementation of the published reference code), torch.compile of the torch backend and
+ATen's LSQ ops, in one run on one device. See bench/README.md.
+
+    python bench/run.py [--device cpu|cuda] [--quick] [--json PATH] [--markdown PATH] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+# Compile in-process: inductor's worker pool otherwise competes for the (shared) CPU cores while we time.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import contenders as C  # noqa: E402
+import harness as H  # noqa: E402
+import workloads as W  # noqa: E402
+
+SIZES = {"4K": 1 << 12, "64K": 1 << 16, "1M": 1 << 20, "16M": 1 << 24}
+KERNEL_OPS = ("weight_fwd_track", "weight_bwd", "act_fwd", "act_bwd")
+OP_TEXT = {"weight_fwd_track": "weight fwd, tracked + freeze + D", "weight_bwd": "weight bwd + dampening",
+           "act_fwd": "activation fwd", "act_bwd": "activation bwd", "weightset_step": "MobileNetV2 weight-set step",
+           "e2e_train_step": "MobileNetV2 training step"}
+NOTES = {C.ATEN: "LSQ fake-quant only: no tracking, freezing or dampening (less work than the others)",
+         C.REF: "our re-implementation of the published reference code's per-step work",
+         C.COMPILED: "torch.compile (inductor, dynamic shapes) of oscqat.reference's raw ops, no autograd"}
+
+
+def plan(args):
+    """Sizes, dtypes and budgets per mode and device."""
+    if args.device == "cuda":
+        sizes = ["4K", "64K", "1M", "16M"]
+        return dict(sizes=sizes, weight_dtypes=["fp32", "bf16"], act_dtypes=["fp32", "bf16"],
+                    big_weight_dtypes=["fp32", "bf16"], budget=0.5 if not args.quick else 0.1, min_reps=10,
+                    warmup=3, group_min_reps=20, batch=args.batch or 128, res=args.res or 224, compile_skip=None,
+                    compile_dtypes=["fp32", "bf16"])
+    if args.quick:
+        return dict(sizes=["64K", "1M"], weight_dtypes=["fp32"], act_dtypes=["fp32", "bf16"],
+                    big_weight_dtypes=["fp32"], budget=0.1, min_reps=3, warmup=1, group_min_reps=3,
+                    batch=args.batch or 8, res=args.res or 64,
+                    compile_skip="--quick on CPU: inductor takes ~15 s per op and dtype here (run without --quick)",
+                    compile_dtypes=[])
+    return dict(sizes=["4K", "64K", "1M", "16M"], weight_dtypes=["fp32", "bf16"], act_dtypes=["fp32", "bf16"],
+                big_weight_dtypes=["fp32"], budget=0.6, min_reps=3, warmup=1, group_min_reps=6,
+                batch=args.batch or 16, res=args.res or 96, compile_skip=None, compile_dtypes=["fp32"])
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Runner:
+    def __init__(self, args):
+        self.args, self.device = args, args.device
+        self.p = plan(args)
+        self.timer = H.Timer(self.device, warmup=self.p["warmup"], min_reps=self.p["min_reps"],
+                             budget_s=self.p["budget"])
+        self.records: list[dict] = []
+        self.compile_spent = 0.0
+        self.t0 = time.perf_counter()
+
+    # ------------------------------------------------------------ one measurement
+    def measure(self, base: dict, contender: str, build, numel: int | None, bpe: int | None):
+        rec = dict(base, contender=contender, status="ok")
+        if contender in NOTES:
+            rec["note"] = NOTES[contender]
+        try:
+            if contender == C.COMPILED:
+                why = self.p["compile_skip"]
+                if why is None and base.get("dtype") not in self.p["compile_dtypes"]:
+                    why = f"compile limited to {self.p['compile_dtypes']} in this mode (time budget)"
+                if why:
+                    raise C.Skip(why)
+            fn = build()
+            if contender == C.COMPILED:
+                rec["first_call_s"] = round(C.first_call(fn, f"{base['workload']} {base['dtype']} {base['size']}"), 3)
+            self.timer.mem = (None, "not measured")
+            samples = self.timer.time(fn, mem_probe=H.peak_memory_probe(self.device))
+            rec.update(H.summarize(samples))
+            if numel and bpe:
+                gbps = bpe * numel / (rec["median_ms"] * 1e-3) / 1e9
+                rec["bytes_per_elem"] = bpe
+                rec["gbps"] = gbps
+                rec["pct_peak_bw"] = 100 * gbps / self.peak_bw if self.peak_bw else None
+                if self.device == "cuda":
+                    rec["pct_copy_bw"] = 100 * gbps / self.copy_bw
+            rec["peak_mem_mb"], rec["mem_method"] = self.timer.mem   # measured on the last warm-up call
+            del fn
+        except C.Skip as e:
+            rec.update(status="skipped", reason=str(e))
+        except Exception as e:  # noqa: BLE001 -- a failing contender is a result, not a crash
+            rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:400]}")
+            if self.args.verbose:
+                traceback.print_exc()
+        self.records.append(rec)
+        ms = f"{rec['median_ms']:.3f} ms" if rec["status"] == "ok" else f"{rec['status']}: {rec.get('reason', '')[:90]}"
+        log(f"[{time.perf_counter() - self.t0:6.1f}s] {base['workload']:<17} {base.get('dtype', ''):<5} "
+            f"{base.get('size', ''):<4} {contender:<32} {ms}")
+        return rec
+
+    # ------------------------------------------------------------ suites
+    def run(self):
+        H.sync(self.device)
+        self.meta = self.metadata()
+        self.copy_bw = H.copy_bandwidth_gbps(self.device, 512 if self.device == "cuda" else 256)
+        datasheet = H.peak_bw_gbps(self.meta["device_name"]) if self.device == "cuda" else None
+        if datasheet:
+            self.peak_bw, src = datasheet, "datasheet peak for this device name (bench/harness.py PEAK_BW_GBPS)"
+        else:
+            self.peak_bw, src = self.copy_bw, "STREAM-like copy (dst.copy_(src), 256 MB, read+write) measured in this run"
+        self.meta.update(copy_bw_gbps=round(self.copy_bw, 2), peak_bw_gbps=round(self.peak_bw, 2), peak_bw_source=src)
+        log(f"device: {self.meta['device_name']}; copy {self.copy_bw:.1f} GB/s; peak used {self.peak_bw:.1f} GB/s ({src})")
+        names = C.contender_names(self.device)
+        if not self.args.skip_kernels:
+            self.kernels(names)
+        self.weightset(names)
+        self.e2e()
+        self.meta["loadavg_end"] = H.loadavg()
+        self.meta["wall_s"] = round(time.perf_counter() - self.t0, 1)
+        self.meta["compile_log"] = C.COMPILE_LOG
+        self.meta["backends_available_at_end"] = {
+            b: __import__("oscqat").backend.available(b, self.device) for b in C.OSCQAT_BACKENDS}
+        add_ratios(self.records)
+        return self.meta, self.records, targets(self.records, self.device)
+
+    def kernels(self, names):
+        p = self.p
+        for op in KERNEL_OPS:
+            dtypes = p["weight_dtypes"] if op.startswith("weight") else p["act_dtypes"]
+            for dname in dtypes:
+                dtype = W.DTYPES[dname]
+                for size in p["sizes"]:
+                    if op.startswith("weight") and size == "16M" and dname not in p["big_weight_dtypes"]:
+                        continue
+                    numel = SIZES[size]
+                    case = (W.WeightCase if op.startswith("weight") else W.ActCase)(numel, dtype, self.device)
+                    build = W.build_weight if op.startswith("weight") else W.build_act
+                    base = dict(workload=op, dtype=dname, size=size, numel=numel)
+                    for name in names:
+                        self.measure(base, name, lambda: build(name, op, case, self.device), numel,
+                                     W.bytes_per_elem(op, dtype))
+                    del case
+
+    def measure_group(self, items, numel=None, bpe=None, min_reps=None):
+        """items: [(base, contender, build)]. Built first, then timed interleaved (round-robin)."""
+        fns, recs = {}, {}
+        for base, contender, build in items:
+            rec = dict(base, contender=contender, status="ok")
+            if contender in NOTES:
+                rec["note"] = NOTES[contender]
+            try:
+                fn = build()
+                if contender == C.COMPILED:
+                    if self.p["compile_skip"]:
+                        raise C.Skip(self.p["compile_skip"])
+                    rec["first_call_s"] = round(C.first_call(fn, f"{base['workload']} {base['size']}"), 3)
+                fns[contender] = fn
+            except C.Skip as e:
+                rec.update(status="skipped", reason=str(e))
+            except Exception as e:  # noqa: BLE001
+                rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:400]}")
+                if self.args.verbose:
+                    traceback.print_exc()
+            recs[contender] = rec
+        if fns:
+            try:
+                samples, mem = self.timer.time_interleaved(fns, H.peak_memory_probe(self.device), min_reps)
+                for name, smp in samples.items():
+                    rec = recs[name]
+                    rec.update(H.summarize(smp))
+                    rec["peak_mem_mb"], rec["mem_method"] = mem.get(name, (None, "not measured"))
+                    rec["timing"] = "interleaved round-robin with the other contenders of this workload"
+                    if numel and bpe:
+                        gbps = bpe * numel / (rec["median_ms"] * 1e-3) / 1e9
+                        rec.update(bytes_per_elem=bpe, gbps=gbps,
+                                   pct_peak_bw=100 * gbps / self.peak_bw if self.peak_bw else None)
+                        if self.device == "cuda":
+                            rec["pct_copy_bw"] = 100 * gbps / self.copy_bw
+            except Exception as e:  # noqa: BLE001
+                for name in fns:
+                    recs[name].update(status="error", reason=f"{type(e).__name__}: {str(e)[:400]}")
+        fns.clear()
+        for rec in recs.values():
+            self.records.append(rec)
+            ms = f"{rec['median_ms']:.3f} ms" if rec["status"] == "ok" else \
+                f"{rec['status']}: {rec.get('reason', '')[:90]}"
+            log(f"[{time.perf_counter() - self.t0:6.1f}s] {rec['workload']:<17} {rec.get('size', ''):<6} "
+                f"{rec['contender']:<32} {ms}")
+
+    def weightset(self, names):
+        case = W.WeightSetCase(self.device)
+        self.meta["weightset"] = dict(layers=case.n_layers, numel=case.numel)
+        base = dict(workload="weightset_step", dtype="fp32", size=f"{case.numel / 1e6:.2f}M", numel=case.numel)
+        self.measure_group([(base, name, (lambda name=name: W.build_weightset(name, case, self.device)))
+                            for name in names], case.numel, W.bytes_per_elem("weightset_step", torch.float32),
+                           self.p["group_min_reps"])
+
+    def e2e(self):
+        p = self.p
+        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"], model="oscqat.models.mobilenet_v2()",
+                                config="W4A4 per-tensor, 8-bit first/last, SGD")
+        backends = [b for b in (("triton", "cuda", "torch") if self.device == "cuda" else ("cpp", "torch"))]
+        base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}")
+        items = [(dict(base, variant="fp32", backend=None), "fp32",
+                  lambda: W.build_e2e("fp32", None, self.device, p["batch"], p["res"]))]
+        for b in backends:
+            for variant in ("lsq", "dampen+freeze"):
+                items.append((dict(base, variant=variant, backend=b), f"oscqat-{b}/{variant}",
+                              (lambda b=b, variant=variant: W.build_e2e(variant, b, self.device, p["batch"], p["res"]))))
+        self.measure_group(items, min_reps=p["group_min_reps"])
+
+    def metadata(self):
+        return dict(device=self.device, device_name=H.device_name(self.device), versions=H.versions(),
+                    date=H.now_iso(), loadavg_start=H.loadavg(), torch_threads=torch.get_num_threads(),
+                    quick=self.args.quick, command=" ".join(["python", "bench/run.py"] + sys.argv[1:]),
+                    plan={k: v for k, v in self.p.items()},
+                    bytes_model={k: v[0] for k, v in W.BYTES_MODEL.items()},
+                    settings=dict(weight_bits=W.W_BITS, act_bits=4, momentum=C.MOMENTUM, f_th=C.F_TH,
+                                  dampening_lambda=C.LAMBDA, per_tensor=True))
+
+
+# ================================================================ ratios and targets
+def _key(r):
+    return (r["workload"], r.get("dtype"), r.get("size"))
+
+
+def add_ratios(records):
+    """Per workload: the fastest oscqat backend, and how many times faster it is than each contender."""
+    groups: dict = {}
+    for r in records:
+        if r["workload"] != "e2e_train_step":
+            groups.setdefault(_key(r), []).append(r)
+    for rs in groups.values():
+        ok = [r for r in rs if r["status"] == "ok"]
+        ours = [r for r in ok if C.is_oscqat_backend(r["contender"])]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        for r in ok:
+            r["best_oscqat"] = best["contender"]
+            r["best_oscqat_speedup"] = r["median_ms"] / best["median_ms"]
+    e2e = [r for r in records if r["workload"] == "e2e_train_step" and r["status"] == "ok"]
+    fp32 = next((r for r in e2e if r["variant"] == "fp32"), None)
+    for r in e2e:
+        if fp32:
+            r["ratio_vs_fp32"] = r["median_ms"] / fp32["median_ms"]
+        if r["variant"] == "dampen+freeze":
+            lsq = next((x for x in e2e if x["variant"] == "lsq" and x["backend"] == r["backend"]), None)
+            if lsq:
+                r["ratio_vs_lsq"] = r["median_ms"] / lsq["median_ms"]
+
+
+def _find(records, workload, contender, dtype=None, size=None):
+    for r in records:
+        if r["workload"] == workload and r["contender"] == contender and r["status"] == "ok" \
+                and (dtype is None or r.get("dtype") == dtype) and (size is None or r.get("size") == size):
+            return r
+    return None
+
+
+def targets(records, device):
+    out = []
+
+    def add(name, value, goal, met, detail=""):
+        out.append(dict(target=name, value=value, goal=goal, met=met, detail=detail))
+
+    ws = [r for r in records if r["workload"] == "weightset_step" and r["status"] == "ok"]
+    best = min((r for r in ws if C.is_oscqat_backend(r["contender"])), key=lambda r: r["median_ms"], default=None)
+    if device == "cuda":
+        for op in KERNEL_OPS:
+            for dname in ("fp32", "bf16"):
+                rs = [r for r in records if r["workload"] == op and r.get("dtype") == dname and r.get("size") == "16M"
+                      and r["status"] == "ok" and C.is_oscqat_backend(r["contender"])]
+                if rs:
+                    b = min(rs, key=lambda r: r["median_ms"])
+                    add(f"{op} {dname} 16M: % peak HBM BW ({b['contender']})", b.get("pct_peak_bw"), ">= 85",
+                        b.get("pct_peak_bw") is not None and b["pct_peak_bw"] >= 85)
+        for other, goal in ((C.REF, 10.0), (C.COMPILED, 2.0), (C.ATEN, 2.0)):
+            r = next((x for x in ws if x["contender"] == other), None)
+            v = r["best_oscqat_speedup"] if r and "best_oscqat_speedup" in r else None
+            add(f"weight-set step: best oscqat ({best['contender'] if best else '-'}) vs {other}", v, f">= {goal}x",
+                v is not None and v >= goal)
+        for r in records:
+            if r["workload"] == "e2e_train_step" and "ratio_vs_lsq" in r:
+                add(f"e2e {r['contender']} / lsq", r["ratio_vs_lsq"], "<= 1.05x", r["ratio_vs_lsq"] <= 1.05)
+    else:
+        cpp, tb = _find(records, "weightset_step", "oscqat-cpp"), _find(records, "weightset_step", "oscqat-torch")
+        if cpp and tb:
+            v = tb["median_ms"] / cpp["median_ms"]
+            add("CPU weight-set step: oscqat-cpp vs oscqat-torch", v, ">= 3x", v >= 3)
+        else:
+            add("CPU weight-set step: oscqat-cpp vs oscqat-torch", None, ">= 3x", None,
+                "owed: the cpp backend is not available in this run")
+        add("GPU targets (kernels >= 85% HBM BW at 16M; weight-set >= 10x reference-eager, >= 2x compile, "
+            ">= 2x ATen; e2e dampen+freeze <= 1.05x lsq)", None, "see README", None,
+            "owed: not measurable on a CPU run; run `python bench/run.py --device cuda`")
+    return out
+
+
+# ================================================================ output
+def fmt(v, nd=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{nd}f}" if abs(v) >= 0.01 else f"{v:.2g}"
+    return str(v)
+
+
+def markdown(meta, records, tgts) -> str:
+    L = []
+    m = meta
+    L.append(f"# oscqat benchmark results ({m['device']})\n")
+    L.append(f"Command: `{m['command']}`  ")
+    L.append(f"Date: {m['date']}; wall {m.get('wall_s')} s; load average at start {m['loadavg_start']}, "
+             f"at end {m.get('loadavg_end')}  ")
+    v = m["versions"]
+    L.append(f"Device: {m['device_name']}; torch {v['torch']}, triton {v['triton']}, python {v['python']}, "
+             f"git {v.get('git_commit')}  ")
+    L.append(f"Memory bandwidth: copy {m['copy_bw_gbps']} GB/s measured in this run; % of peak uses "
+             f"{m['peak_bw_gbps']} GB/s = {m['peak_bw_source']}.  ")
+    s = m["settings"]
+    L.append(f"Settings: W{s['weight_bits']}A{s['act_bits']} per-tensor, momentum {s['momentum']}, f_th {s['f_th']}, "
+             f"dampening upstream gradient {s['dampening_lambda']}. Times are medians (p25–p75 in the JSON).\n")
+    L.append("Contenders: `reference-eager` = our re-implementation of the published reference code's per-step work "
+             "(not their code); `aten-lsq` = `torch._fake_quantize_learnable_per_tensor_affine`, LSQ only, **no "
+             "tracking/freezing/dampening**; `torch.compile(torch-backend)` = inductor on oscqat.reference's raw ops. "
+             "Speedup = contender time / time of the fastest oscqat backend (>1: oscqat faster).\n")
+
+    # kernels pivot
+    kern = [r for r in records if r["workload"] in KERNEL_OPS]
+    if kern:
+        names = list(dict.fromkeys(r["contender"] for r in kern))
+        L.append("## Kernels: median ms (effective GB/s from the bytes model)\n")
+        L.append("| op | dtype | size | " + " | ".join(names) + " | best oscqat | speedup vs " +
+                 ", ".join(n for n in names if not C.is_oscqat_backend(n)) + " |")
+        L.append("|" + "---|" * (len(names) + 5))
+        for key in dict.fromkeys(_key(r) for r in kern):
+            rs = {r["contender"]: r for r in kern if _key(r) == key}
+            cells = []
+            for n in names:
+                r = rs.get(n)
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append(r["status"])
+                else:
+                    cells.append(f"{fmt(r['median_ms'], 3)} ({fmt(r.get('gbps'), 1)})")
+            any_ok = next((r for r in rs.values() if "best_oscqat" in r), None)
+            sp = ", ".join(fmt(rs[n].get("best_oscqat_speedup")) + "x" if n in rs and rs[n]["status"] == "ok" else "–"
+                           for n in names if not C.is_oscqat_backend(n))
+            L.append(f"| {OP_TEXT[key[0]]} | {key[1]} | {key[2]} | " + " | ".join(cells) +
+                     f" | {any_ok['best_oscqat'] if any_ok else '–'} | {sp} |")
+        L.append("")
+    L.append(weightset_table(records, meta))
+    L.append(e2e_table(records, meta))
+    L.append("## Targets\n")
+    L.append("| target | value | goal | met |")
+    L.append("|---|---|---|---|")
+    for t in tgts:
+        L.append(f"| {t['target']} | {fmt(t['value'])} | {t['goal']} | "
+                 f"{'–' if t['met'] is None else ('yes' if t['met'] else 'NO')} {t['detail']} |")
+    L.append("")
+    bad = [r for r in records if r["status"] != "ok"]
+    if bad:
+        L.append("## Skipped / failed\n")
+        for r in bad:
+            L.append(f"- {r['workload']} {r.get('dtype', '')} {r.get('size', '')} `{r['contender']}`: "
+                     f"{r['status']}: {r.get('reason')}")
+        L.append("")
+    if meta.get("compile_log"):
+        L.append("## torch.compile first calls (compile time included)\n")
+        L.append(", ".join(f"{c['what']}: {c['first_call_s']} s" for c in meta["compile_log"]) + "\n")
+    L.append("## Bytes model (per element, e = element size)\n")
+    L.append("| op | bytes | fp32 | bf16 |")
+    L.append("|---|---|---|---|")
+    for k, (text, f) in W.BYTES_MODEL.items():
+        L.append(f"| {k} | {text} | {f(4)} | {f(2)} |")
+    return "\n".join(L) + "\n"
+
+
+def weightset_table(records, meta) -> str:
+    ws = [r for r in records if r["workload"] == "weightset_step"]
+    if not ws:
+        return ""
+    info = meta.get("weightset", {})
+    L = [f"## MobileNetV2 weight set, one QAT step ({info.get('layers')} tensors, {info.get('numel')} weights; "
+         "tracked fwd + freeze + D, bwd + dampening)\n",
+         "| contender | median ms | p25–p75 ms | GB/s | % peak BW | peak mem MB | best oscqat speedup |",
+         "|---|---|---|---|---|---|---|"]
+    for r in ws:
+        if r["status"] != "ok":
+            L.append(f"| {r['contender']} | {r['status']}: {r.get('reason', '')[:80]} | | | | | |")
+            continue
+        L.append(f"| {r['contender']} | {fmt(r['median_ms'])} | {fmt(r['p25_ms'])}–{fmt(r['p75_ms'])} | "
+                 f"{fmt(r.get('gbps'), 1)} | {fmt(r.get('pct_peak_bw'), 1)} | {fmt(r.get('peak_mem_mb'), 1)} | "
+                 f"{fmt(r.get('best_oscqat_speedup'))}x |")
+    return "\n".join(L) + "\n"
+
+
+def e2e_table(records, meta) -> str:
+    e = [r for r in records if r["workload"] == "e2e_train_step"]
+    if not e:
+        return ""
+    info = meta.get("e2e", {})
+    L = [f"## End-to-end MobileNetV2 training step (batch {info.get('batch')} at {info.get('res')}x{info.get('res')}, "
+         f"{info.get('config')})\n",
+         "| variant | median ms | p25–p75 ms | vs fp32 | dampen+freeze / lsq | peak mem MB |",
+         "|---|---|---|---|---|---|"]
+    for r in e:
+        if r["status"] != "ok":
+            L.append(f"| {r['contender']} | {r['status']}: {r.get('reason', '')[:80]} | | | | |")
+            continue
+        L.append(f"| {r['contender']} | {fmt(r['median_ms'])} | {fmt(r['p25_ms'])}–{fmt(r['p75_ms'])} | "
+                 f"{fmt(r.get('ratio_vs_fp32'))}x | {fmt(r.get('ratio_vs_lsq')) + 'x' if 'ratio_vs_lsq' in r else ''} | "
+                 f"{fmt(r.get('peak_mem_mb'), 1)} |")
+    L.append(f"\nPeak memory: {next((r['mem_method'] for r in e if r.get('mem_method')), 'N/A')}.\n")
+    return "\n".join(L) + "\n"
+
+
+def plot(meta, records, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok"]
+    kern = [r for r in ok if r["workload"] in KERNEL_OPS]
+    panels = []
+    for op in KERNEL_OPS:
+        for d in ("fp32", "bf16"):
+            rs = [r for r in kern if r["workload"] == op and r["dtype"] == d]
+            if rs:
+                big = max(rs, key=lambda r: r["numel"])["size"]
+                panels.append((f"{OP_TEXT[op]}, {d}, {big}", [r for r in rs if r["size"] == big]))
+    panels.append(("MobileNetV2 weight-set QAT step", [r for r in ok if r["workload"] == "weightset_step"]))
+    panels.append(("MobileNetV2 training step", [r for r in ok if r["workload"] == "e2e_train_step"]))
+    panels = [p for p in panels if p[1]]
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, rs) in zip(axes.flat, panels):
+        labels = [r["contender"] for r in rs]
+        vals = [r["median_ms"] for r in rs]
+        colors = ["tab:green" if C.is_oscqat_backend(x) else "tab:gray" for x in labels]
+        ax.barh(range(len(rs)), vals, color=colors)
+        ax.set_yticks(range(len(rs)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("median ms (log)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {fmt(v)}", va="center", fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"oscqat bench, {meta['device_name'][:70]}, {meta['date']}, load {meta['loadavg_start']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes and budgets (CPU: under a minute)")
+    ap.add_argument("--json", help="write one record per (workload, contender) here")
+    ap.add_argument("--markdown", help="write the markdown tables here")
+    ap.add_argument("--plot", help="write a bar chart (PNG) here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (CPU default 1: the cores are shared, see README)")
+    ap.add_argument("--batch", type=int, default=None, help="end-to-end batch size")
+    ap.add_argument("--res", type=int, default=None, help="end-to-end input resolution")
+    ap.add_argument("--skip-kernels", action="store_true", help="only the weight-set and end-to-end steps")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    torch.manual_seed(0)
+    meta, records, tgts = Runner(args).run()
+    md = markdown(meta, records, tgts)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "records": records, "targets": tgts}, f, indent=1, default=str)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    if args.plot:
+        plot(meta, records, args.plot)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
