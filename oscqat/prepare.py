@@ -13,7 +13,7 @@ from .layers import FLOAT_TO_QUANT, _QuantLayer
 from .quantizers import QuantAct, WeightQuantizer
 
 _GRID = 100                      # MSE grid-search candidates, as the paper's range estimation
-_MAX_ACT_SAMPLES = 1 << 18       # activation values kept per quantizer for the MSE search
+_MAX_ACT_SAMPLES = 1 << 16       # activation values kept per quantizer for the MSE search
 
 
 def quant_layers(model: nn.Module):

@@ -1,4 +1,7 @@
-"""Oscillation report: per layer and in total, % oscillating (freq > threshold), % frozen, mean frequency."""
+"""Oscillation report: per layer and in total, % oscillating (freq > threshold), % frozen, mean frequency.
+
+A frozen weight's frequency decays only by (1 - m) per step, so for about 1/m steps after freezing it still
+counts as oscillating; `osc_unfrozen_pct` counts only the weights that can still move."""
 from __future__ import annotations
 
 import torch
@@ -11,30 +14,37 @@ OSC_THRESHOLD = 0.005
 
 @torch.no_grad()
 def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> dict:
-    layers, tot = [], {"numel": 0, "oscillating": 0, "frozen": 0, "freq_sum": 0.0}
+    layers, tot = [], {"numel": 0, "oscillating": 0, "osc_unfrozen": 0, "frozen": 0, "freq_sum": 0.0}
     for name, layer in quant_layers(model):
         q = layer.weight_quant
         if q.freq is None:
             continue
         numel = q.freq.numel()
-        osc = int((q.freq > threshold).sum())
-        frozen = int(q.frozen().sum())
+        oscillating = q.freq > threshold
+        frozen_mask = q.frozen()
+        osc = int(oscillating.sum())
+        osc_unfrozen = int((oscillating & ~frozen_mask).sum())
+        frozen = int(frozen_mask.sum())
         fsum = float(q.freq.double().sum())
         layers.append({"layer": name, "bits": q.bits, "numel": numel,
                        "depthwise": getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels,
-                       "osc_pct": 100.0 * osc / numel, "frozen_pct": 100.0 * frozen / numel,
+                       "osc_pct": 100.0 * osc / numel, "osc_unfrozen_pct": 100.0 * osc_unfrozen / numel,
+                       "frozen_pct": 100.0 * frozen / numel,
                        "mean_freq": fsum / numel})
-        for k, v in (("numel", numel), ("oscillating", osc), ("frozen", frozen), ("freq_sum", fsum)):
+        for k, v in (("numel", numel), ("oscillating", osc), ("osc_unfrozen", osc_unfrozen), ("frozen", frozen),
+                     ("freq_sum", fsum)):
             tot[k] += v
     n = max(1, tot["numel"])
     total = {"numel": tot["numel"], "osc_pct": 100.0 * tot["oscillating"] / n,
+             "osc_unfrozen_pct": 100.0 * tot["osc_unfrozen"] / n,
              "frozen_pct": 100.0 * tot["frozen"] / n, "mean_freq": tot["freq_sum"] / n}
     return {"threshold": threshold, "layers": layers, "total": total}
 
 
 def format_report(report: dict) -> str:
-    rows = [f"{'layer':40s} {'bits':>4s} {'numel':>9s} {'osc%':>7s} {'frozen%':>8s} {'mean f':>9s}"]
+    rows = [f"{'layer':40s} {'bits':>4s} {'numel':>9s} {'osc%':>7s} {'osc,unfrozen%':>13s} {'frozen%':>8s} "
+            f"{'mean f':>9s}"]
     for r in report["layers"] + [dict(report["total"], layer="TOTAL", bits="")]:
         rows.append(f"{r['layer']:40s} {str(r['bits']):>4s} {r['numel']:9d} {r['osc_pct']:7.3f} "
-                    f"{r['frozen_pct']:8.3f} {r['mean_freq']:9.5f}")
+                    f"{r['osc_unfrozen_pct']:13.3f} {r['frozen_pct']:8.3f} {r['mean_freq']:9.5f}")
     return "\n".join(rows)

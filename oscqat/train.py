@@ -591,8 +591,8 @@ def run_training(args: argparse.Namespace) -> dict:
         timings["total_s"] = time.time() - t0 + (resume["timings"].get("total_s", 0.0) if resume else 0.0)
         report = {
             "fp_acc": fp_info["fp_acc"], "acc_pre_bn": acc_pre, "acc_post_bn": acc_post,
-            "osc_pct": rep["total"]["osc_pct"], "frozen_pct": rep["total"]["frozen_pct"],
-            "mean_freq": rep["total"]["mean_freq"], "osc_threshold": rep["threshold"],
+            "osc_pct": rep["total"]["osc_pct"], "osc_unfrozen_pct": rep["total"]["osc_unfrozen_pct"],
+            "frozen_pct": rep["total"]["frozen_pct"], "mean_freq": rep["total"]["mean_freq"], "osc_threshold": rep["threshold"],
             "layers": rep["layers"], "epochs": epochs_log, "timings": timings,
             "config": asdict(config), "args": {k: v for k, v in vars(args).items() if k != "func"},
             "dataset": ds.info | {"name": ds.name, "num_classes": ds.num_classes},

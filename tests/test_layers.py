@@ -144,9 +144,12 @@ def test_oscillation_report_counts_frozen_and_oscillating():
     model.train()
     model(x)
     q.freq.view(-1)[:10] = 0.01
+    q.flags.view(-1)[:4] = 4                      # frozen (last_dir 0): oscillating, but no longer moving
     rep = oscqat.oscillation_report(model)
     row = next(r for r in rep["layers"] if r["layer"] == "features.1.conv.0.0")
     assert row["osc_pct"] == pytest.approx(100 * 10 / q.freq.numel()) and row["depthwise"]
+    assert row["osc_unfrozen_pct"] == pytest.approx(100 * 6 / q.freq.numel())
+    assert row["frozen_pct"] == pytest.approx(100 * 4 / q.freq.numel())
     assert rep["total"]["osc_pct"] == pytest.approx(100 * 10 / rep["total"]["numel"])
     assert "TOTAL" in oscqat.format_report(rep)
 
