@@ -37,9 +37,20 @@ def _frozen_view(flags, ema, scale, untracked: bool):
     return frozen, _by_channel(ema, scale)
 
 
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d fp32 device tensor made by a fill, not a host copy (no sync). Dividing by it is an IEEE division on
+    every device; dividing by a Python number is a multiply by its reciprocal on CUDA."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
+def damp_coef(grad_d: torch.Tensor, damp_div: float) -> torch.Tensor:
+    """2 * gD / div as a 0-d fp32 tensor: one exact doubling and one IEEE division, on every device."""
+    return 2.0 * grad_d.float() / _const(damp_div, grad_d)
+
+
 def _damp_term(wf, s, w_eff, n, p, div):
     err = s * w_eff - torch.clamp(wf, s * n, s * p)
-    return (err * err).sum() / div
+    return (err * err).sum() / _const(div, wf)
 
 
 def weight_fwd(w, scale, flags, ema, n: int, p: int, damp: bool, damp_div: float):
@@ -67,8 +78,7 @@ def weight_fwd_track(w, scale, prev_int, flags, freq, ema, f_th, n: int, p: int,
     w_hat = (s * w_eff).to(w.dtype).reshape(w.shape)
     d = _damp_term(wf, s, w_eff, n, p, damp_div) if damp else wf.new_zeros(())
 
-    m = torch.tensor(momentum, dtype=torch.float32, device=w.device)
-    om = torch.tensor(1.0 - momentum, dtype=torch.float32, device=w.device)
+    m, om = _const(momentum, wf), _const(1.0 - momentum, wf)
     delta = w_eff - _by_channel(prev_int, scale).float()
     switched = (delta != 0) & ~uninit
     direction = torch.sign(delta).int()
@@ -106,7 +116,7 @@ def weight_bwd(g, w, scale, flags, ema, grad_d, n: int, p: int, grad_scale: floa
     if damp:
         lo, hi = s * n, s * p
         inside = (wf >= lo) & (wf <= hi)
-        coef = 2.0 * grad_d.float() / damp_div
+        coef = damp_coef(grad_d, damp_div)
         gw = gw + coef * (torch.clamp(wf, lo, hi) - s * w_eff) * inside
     gs = (gf * (w_eff - x * mask)).sum(dim=1) * grad_scale
     return gw.to(g.dtype).reshape(w.shape), gs.reshape(scale.shape)
