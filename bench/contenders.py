@@ -17,11 +17,8 @@ import time
 import torch
 from torch import nn
 
-import oscqat
 from oscqat import backend as _backend
 from oscqat import reference as ref
-from oscqat.ops import ActQuantFn, WeightQuantFn
-from oscqat.quantizers import WeightQuantizer
 
 OSCQAT_BACKENDS = ("torch", "triton", "cuda", "cpp")
 REF = "reference-eager"

@@ -27,7 +27,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import oscqat  # noqa: E402
 from oscqat import train as T  # noqa: E402
 from oscqat.data import Batches, load_dataset  # noqa: E402
 from oscqat.evaluate import load_model  # noqa: E402

@@ -102,7 +102,7 @@ def set_backend(name: str) -> None:
             except BackendUnavailable as e:
                 reasons.append(str(e))
         else:
-            raise BackendUnavailable("; ".join(reasons) or f"oscqat backend {name!r} is unavailable")
+            raise BackendUnavailable("; ".join(dict.fromkeys(reasons)) or f"oscqat backend {name!r} is unavailable")
     _current = name
 
 

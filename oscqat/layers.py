@@ -4,7 +4,6 @@ input (optionally) through a QuantAct. Follow one weight: `QuantConv2d.forward` 
 kernels/, csrc/)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

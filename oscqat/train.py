@@ -27,7 +27,7 @@ import oscqat
 
 from .config import METHODS, QATConfig
 from .data import Batches, load_dataset
-from .prepare import quant_layers, weight_quantizers
+from .prepare import quant_layers
 from .quantizers import QuantAct, WeightQuantizer
 
 BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2")

@@ -112,8 +112,8 @@ def check_weight(impl, c, damp: bool, momentum: float = 0.01):
     for k in sa:
         assert_bits(sa[k], sr[k], f"state {k}")
     # backward, after the tracked forward (with its updated state) and after an untracked one
-    for tracked, st in ((True, sr), (False, c)):
-        for flags, ema in ((st["flags"], st["ema"]), (None, None)):
+    for tracked, state in ((True, sr), (False, c)):
+        for flags, ema in ((state["flags"], state["ema"]), (None, None)):
             bargs = (c["g"], c["w"], c["scale"], flags, ema, c["grad_d"], c["n"], c["p"], c["grad_scale"], damp,
                      c["damp_div"], tracked)
             ga, gsa = impl.weight_bwd(*bargs)

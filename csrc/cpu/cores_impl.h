@@ -1,0 +1,199 @@
+// The fused per-block cores of the CPU kernels (docs/semantics.md), plain fp32 C++ written branch-free so that
+// the compiler vectorises every loop. No include guard and no includes on purpose: csrc/cpu/cores.h includes
+// this body twice, as the members of two structs, once for the baseline ISA and once under
+// `#pragma GCC target("avx2")`; the kernels pick one at run time. Compile with -ffp-contract=off and without
+// -ffast-math (-fno-trapping-math is fine and lets GCC if-convert the selects).
+// ------------------------------------------------------------------------------------------ scalar helpers
+// round_half_to_even for every fp32 x: for |x| < 2^23, |x| + 2^23 lies in [2^23, 2^24) where the spacing is 1,
+// so the addition rounds |x| to the nearest integer, ties to even (default rounding mode), and subtracting
+// 2^23 is exact; copysign keeps the sign of zero as nearbyint does (-0.3 -> -0). |x| >= 2^23 (and inf, NaN)
+// are already integers (or propagate).
+static inline float rne(float x) {
+  const float big = 8388608.0f;
+  const float ax = std::fabs(x);
+  const float r = std::copysign((ax + big) - big, x);
+  return ax < big ? r : x;
+}
+
+// torch.clamp: min(max(v, lo), hi), NaN propagates.
+static inline float clampf(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return hi < v ? hi : v;
+}
+
+static inline double sum_block(const float* __restrict t, int64_t len) {
+  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(t[i + k]);
+  double tail = 0;
+  for (; i < len; ++i) tail += static_cast<double>(t[i]);
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + tail;
+}
+
+// ------------------------------------------------------------------------------------------ fused cores
+// Untracked weight forward: w_hat (as fp32) and, with DAMP, the dampening terms err^2.
+template <bool STATE, bool DAMP>
+static inline void wfwd_core(int64_t len, const float* __restrict w, float s, float r, float nf, float pf,
+                      const int8_t* __restrict flags, const float* __restrict ema, float* __restrict out,
+                      float* __restrict term) {
+  const float lo = s * nf, hi = s * pf;
+  for (int64_t i = 0; i < len; ++i) {
+    const float wf = w[i];
+    const float wi = clampf(rne(wf * r), nf, pf);
+    float weff = wi;
+    if constexpr (STATE) {
+      const int f = flags[i];
+      const float e = ema[i];     // loaded unconditionally: a conditional load stops vectorisation
+      weff = f >= 3 ? e : wi;     // fz >= 1  <=>  flags >= 3
+    }
+    const float q = s * weff;
+    out[i] = q;
+    if constexpr (DAMP) {
+      const float e = q - clampf(wf, lo, hi);
+      term[i] = e * e;
+    }
+  }
+}
+
+// Tracked weight forward: w_hat, damp terms, and the state update, in three loops over the block (all
+// vectorised): track_decode widens flags (into fz, last_dir, "uninitialised") and prev_int to floats;
+// wtrack_core does the arithmetic on 32-bit lanes only (the integers involved are small and exact in fp32;
+// mixing int8/int and float conditions stops GCC's vectoriser or makes it shuffle masks between widths);
+// track_encode writes the int8 state back and counts changes and oscillations.
+static inline void track_decode(int64_t len, const int8_t* __restrict flags, const int8_t* __restrict prev,
+                                float* __restrict fzb, float* __restrict ldb, float* __restrict unb,
+                                float* __restrict pvb) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int f = flags[i];
+    pvb[i] = static_cast<float>(prev[i]);
+    const bool valid = f >= -1;  // -128 (uninitialised) and other values below -1 decode to fz = 0, dir = 0
+    const int fz = valid ? (f + 1) >> 2 : 0;
+    const int ld = valid ? f - 4 * fz : 0;
+    fzb[i] = static_cast<float>(fz);
+    ldb[i] = static_cast<float>(ld);
+    unb[i] = f == -128 ? 1.f : 0.f;
+  }
+}
+
+// `fth` must be +inf when f_th <= 0 (no freezing): then freq > fth never holds.
+template <bool DAMP>
+static inline void wtrack_core(int64_t len, const float* __restrict w, float s, float r, float nf, float pf,
+                               const float* __restrict pvb, const float* __restrict fzb,
+                               const float* __restrict ldb, const float* __restrict unb, float* __restrict freq,
+                               float* __restrict ema, float m, float om, float fth, float* __restrict out,
+                               float* __restrict term, float* __restrict weffb, float* __restrict nflb,
+                               float* __restrict swb, float* __restrict oscb) {
+  const float lo = s * nf, hi = s * pf;
+  for (int64_t i = 0; i < len; ++i) {
+    const float wf = w[i];
+    const float wi = clampf(rne(wf * r), nf, pf);
+    const float fz = fzb[i], ld = ldb[i];
+    const bool un = unb[i] != 0.f;
+    const bool frozen = fz >= 1.f;
+    const float e = ema[i], fr = freq[i], pi = pvb[i];
+    const float weff = frozen ? e : wi;
+    const float q = s * weff;
+    out[i] = q;
+    if constexpr (DAMP) {
+      const float d = q - clampf(wf, lo, hi);
+      term[i] = d * d;
+    }
+    const float delta = weff - pi;
+    const bool sw = (delta != 0.f) & !un;
+    const float dir = (delta > 0.f ? 1.f : 0.f) - (delta < 0.f ? 1.f : 0.f);
+    const bool osc = sw & (dir == -ld);
+    const float nfq = un ? 0.f : om * fr + (osc ? m : 0.f);  // two roundings: product, then sum
+    const float nd = sw ? dir : ld;
+    const bool newly = (nfq > fth) & (fz == 0.f) & !un;
+    const float estep = om * e + m * weff;                    // three roundings
+    const float re = rne(e);                                  // frozen_int, from the EMA before this step
+    float ne = frozen ? e : estep;
+    ne = newly ? re : ne;
+    ne = un ? weff : ne;
+    const float nfz = newly ? 2.f : (frozen ? 1.f : 0.f);
+    nflb[i] = nd + 4.f * nfz;  // uninitialised: nd = last_dir = 0 and nfz = 0, so flags = 0
+    weffb[i] = weff;
+    freq[i] = nfq;
+    ema[i] = ne;
+    swb[i] = sw ? 1.f : 0.f;
+    oscb[i] = osc ? 1.f : 0.f;
+  }
+}
+
+static inline void track_encode(int64_t len, const float* __restrict weffb, const float* __restrict nflb,
+                                const float* __restrict swb, const float* __restrict oscb,
+                                int8_t* __restrict prev, int8_t* __restrict flags, int64_t& n_sw,
+                                int64_t& n_osc) {
+  int32_t csw = 0, cosc = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    prev[i] = static_cast<int8_t>(static_cast<int>(weffb[i]));
+    flags[i] = static_cast<int8_t>(static_cast<int>(nflb[i]));
+    csw += static_cast<int32_t>(swb[i]);
+    cosc += static_cast<int32_t>(oscb[i]);
+  }
+  n_sw += csw;
+  n_osc += cosc;
+}
+
+// Weight backward: dL/dw (fp32) and the terms of dL/ds.
+template <bool STATE, bool TRACKED, bool DAMP>
+static inline void wbwd_core(int64_t len, const float* __restrict g, const float* __restrict w, float s, float r,
+                      float nf, float pf, const int8_t* __restrict flags, const float* __restrict ema, float coef,
+                      float* __restrict gw, float* __restrict term) {
+  const float lo = s * nf, hi = s * pf;
+  for (int64_t i = 0; i < len; ++i) {
+    const float wf = w[i], gf = g[i];
+    const float x = wf * r;
+    const float R = rne(x);
+    const bool inr = (R >= nf) & (R <= pf);
+    const float wi = clampf(R, nf, pf);
+    float weff = wi;
+    bool mask = inr;
+    if constexpr (STATE) {
+      const int f = flags[i];
+      // frozen = fz == 1 after a tracked forward (flags in [3, 6]), fz >= 1 after an untracked one
+      const float e = ema[i];
+      const bool frozen = TRACKED ? ((f >= 3) & (f <= 6)) : (f >= 3);
+      weff = frozen ? e : wi;
+      mask = inr & !frozen;
+    }
+    const float mf = mask ? 1.f : 0.f;
+    float gv = gf * mf;
+    if constexpr (DAMP) {
+      const float inside = ((wf >= lo) & (wf <= hi)) ? 1.f : 0.f;
+      gv = gv + ((coef * (clampf(wf, lo, hi) - s * weff)) * inside);
+    }
+    gw[i] = gv;
+    term[i] = gf * (weff - x * mf);
+  }
+}
+
+template <bool OFF>
+static inline void afwd_core(int64_t len, const float* __restrict x, float s, float r, float o, float nf, float pf,
+                      float* __restrict y) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float xv = x[i];
+    const float xs = OFF ? (xv - o) * r : xv * r;
+    const float q = clampf(rne(xs), nf, pf);
+    float v = q * s;
+    if constexpr (OFF) v = v + o;
+    y[i] = v;
+  }
+}
+
+template <bool OFF>
+static inline void abwd_core(int64_t len, const float* __restrict g, const float* __restrict x, float r, float o,
+                      float nf, float pf, float* __restrict gx, float* __restrict ts, float* __restrict to) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float gf = g[i], xv = x[i];
+    const float xs = OFF ? (xv - o) * r : xv * r;
+    const float R = rne(xs);
+    const bool inr = (R >= nf) & (R <= pf);
+    const float q = clampf(R, nf, pf);
+    const float m = inr ? 1.f : 0.f;
+    gx[i] = gf * m;
+    ts[i] = gf * (q - xs * m);
+    if constexpr (OFF) to[i] = gf * (inr ? 0.f : 1.f);
+  }
+}

@@ -1,0 +1,419 @@
+// CPU kernels of oscqat's op contract (docs/semantics.md), registered for the CPU dispatch key.
+//
+// Each op is one fused pass over the tensor. Work is cut into fixed tasks -- (channel, block of at most BLOCK
+// elements of that channel) -- independent of the thread count; at::parallel_for runs whole tasks, each task
+// writes its own partial sums, and the partials are added in task order afterwards. So every result is the
+// same, bit for bit, whatever the number of threads. Threads are used only from 2^18 elements per thread up:
+// waking OpenMP threads costs more than it saves below that, and far more on a machine whose cores are busy.
+//
+// Bit-exactness: arithmetic is fp32 in the order of the semantics; this file is compiled with
+// -ffp-contract=off (no fused multiply-add) and without -ffast-math; r = 1.0f / s is an IEEE division;
+// round-half-to-even is the exact "add and subtract 2^23" form below (the rounding mode is the default one).
+// The inner loops are branch-free so that the compiler vectorises them; bf16/fp16 blocks are widened into a
+// float buffer first and rounded back (to nearest even, as ATen does) at the end.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "cores.h"
+
+namespace oscqat {
+namespace cpu {
+
+constexpr int64_t BLOCK = 1024;      // elements per task (at most); fixes the summation order
+constexpr int64_t GRAIN_ELEMS = 1 << 18;  // elements per thread, at least: below, no threads are woken
+
+// ------------------------------------------------------------------------------------------ dtype plumbing
+template <typename T>
+static inline const float* load_block(const T* __restrict src, int64_t len, float* __restrict buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+template <typename T>
+static inline float* out_block(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T>
+static inline void store_block(const float* __restrict buf, int64_t len, T* __restrict dst) {
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(buf[i]);  // round to nearest even
+  }
+}
+
+template <typename F>
+static void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "oscqat_C: unsupported dtype ", t);
+  }
+}
+
+template <typename F>
+static void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{}); else f(std::false_type{});
+}
+
+// Tasks: channel c, block b of that channel.
+struct Split {
+  int64_t C, per_ch, nb;
+  Split(int64_t N, int64_t C_) : C(C_), per_ch(N / C_), nb((N / C_ + BLOCK - 1) / BLOCK) {}
+  int64_t tasks() const { return C * nb; }
+  int64_t channel(int64_t t) const { return t / nb; }
+  int64_t begin(int64_t t) const { return (t / nb) * per_ch + (t % nb) * BLOCK; }
+  int64_t len(int64_t t) const { return std::min(BLOCK, per_ch - (t % nb) * BLOCK); }
+  int64_t grain() const { return std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, std::min(per_ch, BLOCK))); }
+};
+
+// ------------------------------------------------------------------------------------------ helpers
+static float scalar_value(const at::Tensor& t) {
+  // 0-d control tensors (f_th, grad_d, offset) on the CPU: read directly, as fp32.
+  switch (t.scalar_type()) {
+    case at::kFloat: return *t.const_data_ptr<float>();
+    case at::kDouble: return static_cast<float>(*t.const_data_ptr<double>());
+    case at::kBFloat16: return static_cast<float>(*t.const_data_ptr<c10::BFloat16>());
+    case at::kHalf: return static_cast<float>(*t.const_data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "oscqat_C: unsupported scalar dtype ", t.scalar_type());
+  }
+}
+
+static void check_cpu(const char* op, const at::Tensor& first) {
+  TORCH_CHECK(first.device().is_cpu(), op, ": the CPU kernel got a tensor on ", first.device().str());
+}
+
+static at::Tensor f32_scalar(float v) {
+  at::Tensor t = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  *t.mutable_data_ptr<float>() = v;
+  return t;
+}
+
+static double sum_partials(const std::vector<double>& v, int64_t begin, int64_t end) {
+  double acc = 0;
+  for (int64_t i = begin; i < end; ++i) acc += v[i];
+  return acc;
+}
+
+// ------------------------------------------------------------------------------------------ ops
+std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Tensor& scale,
+                                              const std::optional<at::Tensor>& flags,
+                                              const std::optional<at::Tensor>& ema, int64_t n, int64_t p,
+                                              bool damp, double damp_div) {
+  const char* op = "oscqat_C.weight_fwd";
+  check_cpu(op, w);
+  check_data(op, "w", w, w.device());
+  const int64_t C = check_scale(op, scale, w, false);
+  const bool state = check_opt_state(op, flags, ema, w);
+  check_range(op, n, p, true);
+  check_div(op, damp, damp_div);
+
+  at::Tensor out = at::empty(w.sizes(), w.options());
+  const Split sp(w.numel(), C);
+  std::vector<double> dpart(damp ? sp.tasks() : 0);
+  const float* sc = scale.const_data_ptr<float>();
+  const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
+  const float* em = state ? ema->const_data_ptr<float>() : nullptr;
+  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    dispatch_float(w.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* wp = w.const_data_ptr<T>();
+      T* op_ = out.mutable_data_ptr<T>();
+      dispatch_bool(state, [&](auto ST) {
+        dispatch_bool(damp, [&](auto DA) {
+          at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+            float wbuf[BLOCK], obuf[BLOCK], tbuf[BLOCK];
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t b = sp.begin(t), len = sp.len(t);
+              const float s = sc[sp.channel(t)], r = 1.0f / s;
+              const float* wf = load_block<T>(wp + b, len, wbuf);
+              float* o = out_block<T>(op_ + b, obuf);
+              K::template wfwd_core<decltype(ST)::value, decltype(DA)::value>(
+                  len, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, o, tbuf);
+              store_block<T>(o, len, op_ + b);
+              if constexpr (decltype(DA)::value) dpart[t] = K::sum_block(tbuf, len);
+            }
+          });
+        });
+      });
+    });
+  });
+  const float d = damp ? static_cast<float>(sum_partials(dpart, 0, sp.tasks())) / static_cast<float>(damp_div)
+                       : 0.f;
+  return {out, f32_scalar(d)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor& w, const at::Tensor& scale,
+                                                                at::Tensor& prev_int, at::Tensor& flags,
+                                                                at::Tensor& freq, at::Tensor& ema,
+                                                                const at::Tensor& f_th, int64_t n, int64_t p,
+                                                                double momentum, bool damp, double damp_div) {
+  const char* op = "oscqat_C.weight_fwd_track";
+  check_cpu(op, w);
+  check_data(op, "w", w, w.device());
+  const int64_t C = check_scale(op, scale, w, false);
+  check_state(op, "prev_int", prev_int, w, at::kChar);
+  check_state(op, "flags", flags, w, at::kChar);
+  check_state(op, "freq", freq, w, at::kFloat);
+  check_state(op, "ema", ema, w, at::kFloat);
+  check_scalar(op, "f_th", f_th, w.device());
+  check_range(op, n, p, true);
+  check_momentum(op, momentum);
+  check_div(op, damp, damp_div);
+
+  const float m = static_cast<float>(momentum);
+  const float om = static_cast<float>(1.0 - momentum);  // in double, then rounded
+  const float fth_v = scalar_value(f_th);
+  const float fth = fth_v > 0.f ? fth_v : INFINITY;  // f_th <= 0: no freezing
+  at::Tensor out = at::empty(w.sizes(), w.options());
+  const Split sp(w.numel(), C);
+  std::vector<double> dpart(damp ? sp.tasks() : 0);
+  std::vector<int64_t> cpart(2 * sp.tasks(), 0);
+  const float* sc = scale.const_data_ptr<float>();
+  int8_t* pv = prev_int.mutable_data_ptr<int8_t>();
+  int8_t* fl = flags.mutable_data_ptr<int8_t>();
+  float* fq = freq.mutable_data_ptr<float>();
+  float* em = ema.mutable_data_ptr<float>();
+  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    dispatch_float(w.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* wp = w.const_data_ptr<T>();
+      T* op_ = out.mutable_data_ptr<T>();
+      dispatch_bool(damp, [&](auto DA) {
+        at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+          float wbuf[BLOCK], obuf[BLOCK], tbuf[BLOCK], fzb[BLOCK], ldb[BLOCK], unb[BLOCK], weffb[BLOCK],
+              nflb[BLOCK], swb[BLOCK], oscb[BLOCK], pvb[BLOCK];
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t b = sp.begin(t), len = sp.len(t);
+            const float s = sc[sp.channel(t)], r = 1.0f / s;
+            const float* wf = load_block<T>(wp + b, len, wbuf);
+            float* o = out_block<T>(op_ + b, obuf);
+            int64_t nsw = 0, nosc = 0;
+            K::track_decode(len, fl + b, pv + b, fzb, ldb, unb, pvb);
+            K::template wtrack_core<decltype(DA)::value>(len, wf, s, r, nf, pf, pvb, fzb, ldb, unb, fq + b,
+                                                         em + b, m, om, fth, o, tbuf, weffb, nflb, swb, oscb);
+            K::track_encode(len, weffb, nflb, swb, oscb, pv + b, fl + b, nsw, nosc);
+            store_block<T>(o, len, op_ + b);
+            cpart[2 * t] = nsw;
+            cpart[2 * t + 1] = nosc;
+            if constexpr (decltype(DA)::value) dpart[t] = K::sum_block(tbuf, len);
+          }
+        });
+      });
+    });
+  });
+  int64_t nsw = 0, nosc = 0;
+  for (int64_t t = 0; t < sp.tasks(); ++t) {
+    nsw += cpart[2 * t];
+    nosc += cpart[2 * t + 1];
+  }
+  at::Tensor counts = at::empty({2}, at::TensorOptions().dtype(at::kInt));
+  counts.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(nsw);
+  counts.mutable_data_ptr<int32_t>()[1] = static_cast<int32_t>(nosc);
+  const float d = damp ? static_cast<float>(sum_partials(dpart, 0, sp.tasks())) / static_cast<float>(damp_div)
+                       : 0.f;
+  return {out, f32_scalar(d), counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Tensor& w, const at::Tensor& scale,
+                                              const std::optional<at::Tensor>& flags,
+                                              const std::optional<at::Tensor>& ema, const at::Tensor& grad_d,
+                                              int64_t n, int64_t p, double grad_scale, bool damp, double damp_div,
+                                              bool tracked) {
+  const char* op = "oscqat_C.weight_bwd";
+  check_cpu(op, g);
+  check_data(op, "g", g, g.device());
+  check_data(op, "w", w, g.device());
+  TORCH_CHECK(g.sizes() == w.sizes(), op, ": g has shape ", g.sizes(), " but w has shape ", w.sizes());
+  const int64_t C = check_scale(op, scale, w, false);
+  const bool state = check_opt_state(op, flags, ema, w);
+  check_scalar(op, "grad_d", grad_d, w.device());
+  check_range(op, n, p, true);
+  check_grad_scale(op, grad_scale);
+  check_div(op, damp, damp_div);
+
+  // coef = 2 * gD / div: one fp32 multiply by 2, one IEEE division
+  const float coef = damp ? (2.0f * scalar_value(grad_d)) / static_cast<float>(damp_div) : 0.f;
+  at::Tensor gw = at::empty(w.sizes(), g.options());
+  const Split sp(w.numel(), C);
+  std::vector<double> part(sp.tasks());
+  const float* sc = scale.const_data_ptr<float>();
+  const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
+  const float* em = state ? ema->const_data_ptr<float>() : nullptr;
+  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    dispatch_float(g.scalar_type(), [&](auto gtag) {
+      using TG = decltype(gtag);
+      dispatch_float(w.scalar_type(), [&](auto wtag) {
+        using TW = decltype(wtag);
+        const TG* gp = g.const_data_ptr<TG>();
+        const TW* wp = w.const_data_ptr<TW>();
+        TG* gwp = gw.mutable_data_ptr<TG>();
+        dispatch_bool(state, [&](auto ST) {
+          dispatch_bool(tracked, [&](auto TR) {
+            dispatch_bool(damp, [&](auto DA) {
+              at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+                float gbuf[BLOCK], wbuf[BLOCK], obuf[BLOCK], tbuf[BLOCK];
+                for (int64_t t = t0; t < t1; ++t) {
+                  const int64_t b = sp.begin(t), len = sp.len(t);
+                  const float s = sc[sp.channel(t)], r = 1.0f / s;
+                  const float* gf = load_block<TG>(gp + b, len, gbuf);
+                  const float* wf = load_block<TW>(wp + b, len, wbuf);
+                  float* o = out_block<TG>(gwp + b, obuf);
+                  K::template wbwd_core<decltype(ST)::value, decltype(TR)::value, decltype(DA)::value>(
+                      len, gf, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, coef, o, tbuf);
+                  store_block<TG>(o, len, gwp + b);
+                  part[t] = K::sum_block(tbuf, len);
+                }
+              });
+            });
+          });
+        });
+      });
+    });
+  });
+  at::Tensor gs = at::empty(scale.sizes(), scale.options().dtype(at::kFloat));
+  float* gsp = gs.mutable_data_ptr<float>();
+  const float gsc = static_cast<float>(grad_scale);
+  for (int64_t c = 0; c < C; ++c)
+    gsp[c] = static_cast<float>(sum_partials(part, c * sp.nb, (c + 1) * sp.nb)) * gsc;
+  return {gw, gs};
+}
+
+static void check_act(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& offset, int64_t n, int64_t p) {
+  check_data(op, "x", x, x.device());
+  check_scale(op, scale, x, true);
+  if (offset.has_value() && offset->defined()) {
+    check_scalar(op, "offset", *offset, x.device(), /*cpu_ok=*/false);
+    TORCH_CHECK(offset->is_contiguous(), op, ": offset must be contiguous");
+  }
+  check_range(op, n, p, false);
+}
+
+at::Tensor act_fwd(const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+                   int64_t n, int64_t p) {
+  const char* op = "oscqat_C.act_fwd";
+  check_cpu(op, x);
+  check_act(op, x, scale, offset, n, p);
+  const bool off = offset.has_value() && offset->defined();
+  const float s = *scale.const_data_ptr<float>(), r = 1.0f / s;
+  const float o = off ? scalar_value(*offset) : 0.f;
+  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const Split sp(x.numel(), 1);
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    dispatch_float(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* xp = x.const_data_ptr<T>();
+      T* yp = y.mutable_data_ptr<T>();
+      dispatch_bool(off, [&](auto OF) {
+        at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+          float xbuf[BLOCK], obuf[BLOCK];
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t b = sp.begin(t), len = sp.len(t);
+            const float* xf = load_block<T>(xp + b, len, xbuf);
+            float* ob = out_block<T>(yp + b, obuf);
+            K::template afwd_core<decltype(OF)::value>(len, xf, s, r, o, nf, pf, ob);
+            store_block<T>(ob, len, yp + b);
+          }
+        });
+      });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> act_bwd(const at::Tensor& g, const at::Tensor& x,
+                                                       const at::Tensor& scale,
+                                                       const std::optional<at::Tensor>& offset, int64_t n, int64_t p,
+                                                       double grad_scale) {
+  const char* op = "oscqat_C.act_bwd";
+  check_cpu(op, g);
+  check_data(op, "g", g, g.device());
+  check_act(op, x, scale, offset, n, p);
+  TORCH_CHECK(x.device() == g.device(), op, ": x is on ", x.device().str(), " but g is on ", g.device().str());
+  TORCH_CHECK(g.sizes() == x.sizes(), op, ": g has shape ", g.sizes(), " but x has shape ", x.sizes());
+  check_grad_scale(op, grad_scale);
+  const bool off = offset.has_value() && offset->defined();
+  const float s = *scale.const_data_ptr<float>(), r = 1.0f / s;
+  const float o = off ? scalar_value(*offset) : 0.f;
+  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+  at::Tensor gx = at::empty(x.sizes(), g.options());
+  const Split sp(x.numel(), 1);
+  std::vector<double> ps(sp.tasks()), po(off ? sp.tasks() : 0);
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    dispatch_float(g.scalar_type(), [&](auto gtag) {
+      using TG = decltype(gtag);
+      dispatch_float(x.scalar_type(), [&](auto xtag) {
+        using TX = decltype(xtag);
+        const TG* gp = g.const_data_ptr<TG>();
+        const TX* xp = x.const_data_ptr<TX>();
+        TG* gxp = gx.mutable_data_ptr<TG>();
+        dispatch_bool(off, [&](auto OF) {
+          at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+            float gbuf[BLOCK], xbuf[BLOCK], obuf[BLOCK], tsb[BLOCK], tob[BLOCK];
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t b = sp.begin(t), len = sp.len(t);
+              const float* gf = load_block<TG>(gp + b, len, gbuf);
+              const float* xf = load_block<TX>(xp + b, len, xbuf);
+              float* ob = out_block<TG>(gxp + b, obuf);
+              K::template abwd_core<decltype(OF)::value>(len, gf, xf, r, o, nf, pf, ob, tsb, tob);
+              store_block<TG>(ob, len, gxp + b);
+              ps[t] = K::sum_block(tsb, len);
+              if constexpr (decltype(OF)::value) po[t] = K::sum_block(tob, len);
+            }
+          });
+        });
+      });
+    });
+  });
+  const float gsc = static_cast<float>(grad_scale);
+  at::Tensor gs = at::empty(scale.sizes(), scale.options().dtype(at::kFloat));
+  at::Tensor go = at::zeros(scale.sizes(), scale.options().dtype(at::kFloat));
+  *gs.mutable_data_ptr<float>() = static_cast<float>(sum_partials(ps, 0, sp.tasks())) * gsc;
+  if (off) *go.mutable_data_ptr<float>() = static_cast<float>(sum_partials(po, 0, sp.tasks())) * gsc;
+  return {gx, gs, go};
+}
+
+}  // namespace cpu
+}  // namespace oscqat
+
+TORCH_LIBRARY_IMPL(oscqat_C, CPU, m) {
+  m.impl("weight_fwd", &oscqat::cpu::weight_fwd);
+  m.impl("weight_fwd_track", &oscqat::cpu::weight_fwd_track);
+  m.impl("weight_bwd", &oscqat::cpu::weight_bwd);
+  m.impl("act_fwd", &oscqat::cpu::act_fwd);
+  m.impl("act_bwd", &oscqat::cpu::act_bwd);
+}

@@ -1,0 +1,35 @@
+// oscqat._C: the op schemas of oscqat's contract (docs/semantics.md), defined once for every device.
+// CPU kernels: csrc/cpu/quant_cpu.cpp (TORCH_LIBRARY_IMPL CPU); CUDA kernels: csrc/cuda/quant_cuda.cu
+// (TORCH_LIBRARY_IMPL CUDA, only when built with CUDA). Fake (meta) implementations: oscqat/cpp_backend.py.
+// Loading the module (`import oscqat._C`) registers everything; it exposes no Python functions itself.
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// An empty module, so that `import oscqat._C` loads the library (and runs the registrations below)
+// without linking libtorch_python.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "oscqat C++/CUDA kernels; ops live in torch.ops.oscqat_C",
+      -1,    // size of per-interpreter state
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(oscqat_C, m) {
+  m.def("weight_fwd(Tensor w, Tensor scale, Tensor? flags, Tensor? ema, int n, int p, bool damp, "
+        "float damp_div) -> (Tensor, Tensor)");
+  m.def("weight_fwd_track(Tensor w, Tensor scale, Tensor(a!) prev_int, Tensor(b!) flags, Tensor(c!) freq, "
+        "Tensor(d!) ema, Tensor f_th, int n, int p, float momentum, bool damp, float damp_div) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("weight_bwd(Tensor g, Tensor w, Tensor scale, Tensor? flags, Tensor? ema, Tensor grad_d, int n, int p, "
+        "float grad_scale, bool damp, float damp_div, bool tracked) -> (Tensor, Tensor)");
+  m.def("act_fwd(Tensor x, Tensor scale, Tensor? offset, int n, int p) -> Tensor");
+  m.def("act_bwd(Tensor g, Tensor x, Tensor scale, Tensor? offset, int n, int p, float grad_scale) "
+        "-> (Tensor, Tensor, Tensor)");
+}

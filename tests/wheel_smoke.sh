@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Wheel smoke test: build the wheel against the installed torch (--no-build-isolation), install it into a fresh
+# venv that reuses this interpreter's site-packages (--system-site-packages: torch is not downloaded again), and
+# check, from outside the source tree, that oscqat imports from the venv, that oscqat._C loaded and registered
+# its ops, and that one `cpp` op gives the reference's bits.
+# Usage: bash tests/wheel_smoke.sh      (PYTHON=... to pick the interpreter; exit status 0 = ok)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+echo "wheel_smoke: building the wheel"
+"$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$tmp/dist" .
+wheel=$(ls "$tmp"/dist/oscqat-*.whl)
+echo "wheel_smoke: $(basename "$wheel")"
+"$PY" -m venv --system-site-packages "$tmp/venv"
+"$tmp/venv/bin/python" -m pip install -q --no-deps --no-index "$wheel"
+
+cd "$tmp"
+"$tmp/venv/bin/python" - <<'PYEOF'
+import os
+import sys
+
+import torch
+
+import oscqat
+from oscqat import backend, cpp_backend, reference as ref
+
+here = os.path.realpath(oscqat.__file__)
+assert here.startswith(os.path.realpath(sys.prefix)), f"oscqat imported from {here}, not from the venv"
+assert cpp_backend._C is not None, f"oscqat._C did not load: {cpp_backend._LOAD_ERROR}"
+import oscqat._C  # noqa: E402
+import oscqat.kernels  # noqa: E402,F401  (kernels/ is packaged as oscqat.kernels)
+backend.check("cpp", "cpu")
+
+gen = torch.Generator().manual_seed(0)
+w = torch.randn(8, 3, 3, 3, generator=gen) * 0.2
+scale = torch.rand(8, generator=gen) * 0.05 + 0.02
+state = dict(prev_int=torch.zeros(w.shape, dtype=torch.int8), flags=torch.full(w.shape, -128, dtype=torch.int8),
+             freq=torch.zeros(w.shape), ema=torch.zeros(w.shape))
+outs = []
+for impl in (cpp_backend, ref):
+    st = {k: v.clone() for k, v in state.items()}
+    for _ in range(2):  # initialise, then track
+        w_hat, d, counts = impl.weight_fwd_track(w, scale, st["prev_int"], st["flags"], st["freq"], st["ema"],
+                                                 torch.tensor(0.01), -8, 7, 0.01, True, 27.0)
+    outs.append((w_hat, counts, *st.values()))
+for a, b in zip(*outs):
+    assert a.dtype == b.dtype and torch.equal(a, b), "cpp and reference differ"
+so = os.path.basename(oscqat._C.__file__)
+print(f"wheel_smoke: ok (oscqat {oscqat.__version__} from {os.path.dirname(here)}, {so})")
+PYEOF
