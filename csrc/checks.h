@@ -122,4 +122,54 @@ inline void check_momentum(const char* op, double m) {
   TORCH_CHECK(std::isfinite(m) && m >= 0.0 && m <= 1.0, op, ": momentum must be in [0, 1], got ", m);
 }
 
+// Each weight op's arguments, checked in one place for both devices (the device is the caller's check).
+struct WeightArgs {
+  int64_t channels;
+  bool state;
+};
+
+inline WeightArgs check_weight_fwd_args(const char* op, const Tensor& w, const Tensor& scale,
+                                        const std::optional<Tensor>& flags, const std::optional<Tensor>& ema,
+                                        int64_t n, int64_t p, bool damp, double damp_div) {
+  check_data(op, "w", w, w.device());
+  const int64_t C = check_scale(op, scale, w, false);
+  const bool state = check_opt_state(op, flags, ema, w);
+  check_range(op, n, p, true);
+  check_div(op, damp, damp_div);
+  return {C, state};
+}
+
+inline int64_t check_weight_fwd_track_args(const char* op, const Tensor& w, const Tensor& scale,
+                                           const Tensor& prev_int, const Tensor& flags, const Tensor& freq,
+                                           const Tensor& ema, const Tensor& f_th, int64_t n, int64_t p,
+                                           double momentum, bool damp, double damp_div) {
+  check_data(op, "w", w, w.device());
+  const int64_t C = check_scale(op, scale, w, false);
+  check_state(op, "prev_int", prev_int, w, at::kChar);
+  check_state(op, "flags", flags, w, at::kChar);
+  check_state(op, "freq", freq, w, at::kFloat);
+  check_state(op, "ema", ema, w, at::kFloat);
+  check_scalar(op, "f_th", f_th, w.device());
+  check_range(op, n, p, true);
+  check_momentum(op, momentum);
+  check_div(op, damp, damp_div);
+  return C;
+}
+
+inline WeightArgs check_weight_bwd_args(const char* op, const Tensor& g, const Tensor& w, const Tensor& scale,
+                                        const std::optional<Tensor>& flags, const std::optional<Tensor>& ema,
+                                        const Tensor& grad_d, int64_t n, int64_t p, double grad_scale, bool damp,
+                                        double damp_div) {
+  check_data(op, "g", g, g.device());
+  check_data(op, "w", w, g.device());
+  TORCH_CHECK(g.sizes() == w.sizes(), op, ": g has shape ", g.sizes(), " but w has shape ", w.sizes());
+  const int64_t C = check_scale(op, scale, w, false);
+  const bool state = check_opt_state(op, flags, ema, w);
+  check_scalar(op, "grad_d", grad_d, w.device());
+  check_range(op, n, p, true);
+  check_grad_scale(op, grad_scale);
+  check_div(op, damp, damp_div);
+  return {C, state};
+}
+
 }  // namespace oscqat

@@ -123,11 +123,9 @@ std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Ten
                                               bool damp, double damp_div) {
   const char* op = "oscqat_C.weight_fwd";
   check_cpu(op, w);
-  check_data(op, "w", w, w.device());
-  const int64_t C = check_scale(op, scale, w, false);
-  const bool state = check_opt_state(op, flags, ema, w);
-  check_range(op, n, p, true);
-  check_div(op, damp, damp_div);
+  const WeightArgs args = check_weight_fwd_args(op, w, scale, flags, ema, n, p, damp, damp_div);
+  const int64_t C = args.channels;
+  const bool state = args.state;
 
   at::Tensor out = at::empty(w.sizes(), w.options());
   const Split sp(w.numel(), C);
@@ -174,16 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
                                                                 double momentum, bool damp, double damp_div) {
   const char* op = "oscqat_C.weight_fwd_track";
   check_cpu(op, w);
-  check_data(op, "w", w, w.device());
-  const int64_t C = check_scale(op, scale, w, false);
-  check_state(op, "prev_int", prev_int, w, at::kChar);
-  check_state(op, "flags", flags, w, at::kChar);
-  check_state(op, "freq", freq, w, at::kFloat);
-  check_state(op, "ema", ema, w, at::kFloat);
-  check_scalar(op, "f_th", f_th, w.device());
-  check_range(op, n, p, true);
-  check_momentum(op, momentum);
-  check_div(op, damp, damp_div);
+  const int64_t C = check_weight_fwd_track_args(op, w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp,
+                                                damp_div);
 
   const float m = static_cast<float>(momentum);
   const float om = static_cast<float>(1.0 - momentum);  // in double, then rounded
@@ -249,15 +239,10 @@ std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Ten
                                               bool tracked) {
   const char* op = "oscqat_C.weight_bwd";
   check_cpu(op, g);
-  check_data(op, "g", g, g.device());
-  check_data(op, "w", w, g.device());
-  TORCH_CHECK(g.sizes() == w.sizes(), op, ": g has shape ", g.sizes(), " but w has shape ", w.sizes());
-  const int64_t C = check_scale(op, scale, w, false);
-  const bool state = check_opt_state(op, flags, ema, w);
-  check_scalar(op, "grad_d", grad_d, w.device());
-  check_range(op, n, p, true);
-  check_grad_scale(op, grad_scale);
-  check_div(op, damp, damp_div);
+  const WeightArgs args = check_weight_bwd_args(op, g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp,
+                                                damp_div);
+  const int64_t C = args.channels;
+  const bool state = args.state;
 
   // coef = 2 * gD / div: one fp32 multiply by 2, one IEEE division
   const float coef = damp ? (2.0f * scalar_value(grad_d)) / static_cast<float>(damp_div) : 0.f;
