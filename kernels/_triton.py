@@ -77,6 +77,13 @@ def _clamp(v, lo, hi):
 
 
 @_device
+def _quantize(x, n_f, p_f):
+    """(clamp(R, n, p), n <= R <= p) for R = round_half_to_even(x): the integer and the STE range mask."""
+    rr = _round_half_even(x)
+    return _clamp(rr, n_f, p_f), (rr >= n_f) & (rr <= p_f)
+
+
+@_device
 def _tile(pid, C, K, NKB, I64: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_K: tl.constexpr):
     if ONE_ROW:     # per-tensor scale (C == 1): offsets start at a known row 0, so loads vectorise for any K
@@ -123,7 +130,7 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
     s2 = s[:, None]
     w = _widen(tl.load(w_ptr + offs, mask=m2, other=0.0), W_BF16)
     x = w * r[:, None]
-    w_int = _clamp(_round_half_even(x), n_f, p_f)
+    w_int, _ = _quantize(x, n_f, p_f)
     if HAS_STATE:
         fl = tl.load(flags_ptr + offs, mask=m2, other=0).to(tl.int32)
         uninit = fl < -1
@@ -208,9 +215,7 @@ def _weight_bwd_kernel(g_ptr, w_ptr, s_ptr, flags_ptr, ema_ptr, coef_ptr, gw_ptr
     g = _widen(tl.load(g_ptr + offs, mask=m2, other=0.0), G_BF16)
     w = _widen(tl.load(w_ptr + offs, mask=m2, other=0.0), W_BF16)
     x = w * r[:, None]
-    rr = _round_half_even(x)
-    w_int = _clamp(rr, n_f, p_f)
-    in_rng = (rr >= n_f) & (rr <= p_f)
+    w_int, in_rng = _quantize(x, n_f, p_f)
     if HAS_STATE:
         fl = tl.load(flags_ptr + offs, mask=m2, other=0).to(tl.int32)
         fz = tl.where(fl < -1, 0, (fl + 1) >> 2)
@@ -266,7 +271,7 @@ def _act_fwd_kernel(x_ptr, s_ptr, o_ptr, y_ptr, N, n_f, p_f,
         xs = (x - o) * r
     else:
         xs = x * r
-    q = _clamp(_round_half_even(xs), n_f, p_f)
+    q, _ = _quantize(xs, n_f, p_f)
     y = q * s
     if HAS_OFFSET:
         y = y + o
@@ -292,9 +297,7 @@ def _act_bwd_kernel(g_ptr, x_ptr, s_ptr, o_ptr, gx_ptr, part_ptr, gs_ptr, go_ptr
         xs = (x - o) * r
     else:
         xs = x * r
-    rr = _round_half_even(xs)
-    q = _clamp(rr, n_f, p_f)
-    in_rng = (rr >= n_f) & (rr <= p_f)
+    q, in_rng = _quantize(xs, n_f, p_f)
     inf = tl.where(in_rng, 1.0, 0.0)
     tl.store(gx_ptr + offs, _narrow(g * inf, G_BF16), mask=m)
     ps = tl.sum(tl.where(m, g * (q - xs * inf), 0.0), axis=0)
