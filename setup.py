@@ -50,7 +50,7 @@ setup(
     name="oscqat",
     version="0.1.0",
     description="Oscillation-aware quantization-aware training with fused kernels",
-    packages=["oscqat", "oscqat.kernels"],
+    packages=["oscqat", "oscqat.app", "oscqat.kernels"],
     package_dir={"oscqat": "oscqat", "oscqat.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
@@ -59,7 +59,7 @@ setup(
         "train": ["matplotlib", "tqdm", "scikit-learn"],
         "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "tqdm", "scikit-learn", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["oscqat=oscqat.cli:main"]},
+    entry_points={"console_scripts": ["oscqat=oscqat.app.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,5 +1,5 @@
 """Small-scale reproduction of Nagel et al. (ICML 2022) Tables 1, 2/4/5 on Fashion-MNIST with the default
-depthwise-separable net (oscqat.models.small_mobilenet), through `oscqat train` in-process.
+depthwise-separable net (oscqat.app.models.small_mobilenet), through `oscqat train` in-process.
 
 For each seed: one full-precision model (shared by all runs of that seed), then QAT at W3A32 (weights only),
 W4A4 and W3A3 with lsq / dampen / freeze; pre-BN and post-BN-re-estimation test accuracy and % oscillating
@@ -27,9 +27,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from oscqat import train as T  # noqa: E402
-from oscqat.data import Batches, load_dataset  # noqa: E402
-from oscqat.evaluate import load_model  # noqa: E402
+from oscqat.app import train as T  # noqa: E402
+from oscqat.app.data import Batches, load_dataset  # noqa: E402
+from oscqat.app.evaluate import load_model  # noqa: E402
 
 SETTINGS = {"W3A32": (3, 32), "W4A4": (4, 4), "W3A3": (3, 3)}
 METHODS = ("lsq", "dampen", "freeze")

@@ -204,7 +204,7 @@ class Runner:
 
     def e2e(self):
         p = self.p
-        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"], model="oscqat.models.mobilenet_v2()",
+        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"], model="oscqat.app.models.mobilenet_v2()",
                                 config="W4A4 per-tensor, 8-bit first/last, SGD")
         backends = [b for b in (("triton", "cuda", "torch") if self.device == "cuda" else ("cpp", "torch"))]
         base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}")

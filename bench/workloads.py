@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import oscqat
-from oscqat import models
+from oscqat.app import models
 from oscqat.ops import ActQuantFn, WeightQuantFn
 from oscqat.prepare import weight_scale
 from oscqat.quantizers import WeightQuantizer

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import oscqat
-from oscqat.models import mobilenet_v2
+from oscqat.app.models import mobilenet_v2
 from oscqat.schedule import cosine_ramp
 from training import STATE, assert_same, make_opt, qat_model, snapshot, train_steps
 

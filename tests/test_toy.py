@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from oscqat.cli import main
-from oscqat.toy import reversals, run_toy
+from oscqat.app.cli import main
+from oscqat.app.toy import reversals, run_toy
 
 STEPS = 2000
 

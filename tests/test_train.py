@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
-from oscqat.cli import main  # noqa: E402
-from oscqat.data import read_idx  # noqa: E402
+from oscqat.app.cli import main  # noqa: E402
+from oscqat.app.data import read_idx  # noqa: E402
 
 TINY = ["--dataset", "digits", "--batch-size", "64", "--threads", "1", "--calib-batches", "2", "--bn-batches", "4",
         "--quiet"]

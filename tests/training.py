@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import oscqat
-from oscqat.models import small_mobilenet
+from oscqat.app.models import small_mobilenet
 
 STATE = ("prev_int", "flags", "freq", "ema")
 

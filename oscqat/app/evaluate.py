@@ -10,7 +10,7 @@ import torch
 
 import oscqat
 
-from .config import QATConfig
+from ..config import QATConfig
 from .data import Batches, load_dataset
 from .train import build_model, evaluate, load_checkpoint, resolve_device
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .quantizers import WeightQuantizer
+from ..quantizers import WeightQuantizer
 
 TOY_METHODS = ("ste", "dampen", "freeze")
 

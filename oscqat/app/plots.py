@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .prepare import quant_layers
+from ..prepare import quant_layers
 
 
 def _plt():

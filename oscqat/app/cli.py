@@ -6,9 +6,9 @@ import importlib
 import sys
 
 COMMANDS = {
-    "toy": ("oscqat.toy", "the paper's 1-D toy regression through oscqat's own quantizer and tracker"),
-    "train": ("oscqat.train", "oscillation-aware QAT of a model on real data, with a report and plots"),
-    "eval": ("oscqat.evaluate", "re-evaluate a checkpoint, with and without BN re-estimation"),
+    "toy": ("oscqat.app.toy", "the paper's 1-D toy regression through oscqat's own quantizer and tracker"),
+    "train": ("oscqat.app.train", "oscillation-aware QAT of a model on real data, with a report and plots"),
+    "eval": ("oscqat.app.evaluate", "re-evaluate a checkpoint, with and without BN re-estimation"),
 }
 
 

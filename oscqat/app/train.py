@@ -25,10 +25,10 @@ from torch import nn
 
 import oscqat
 
-from .config import METHODS, QATConfig
+from ..config import METHODS, QATConfig
 from .data import Batches, load_dataset
-from .prepare import quant_layers
-from .quantizers import QuantAct, WeightQuantizer
+from ..prepare import quant_layers
+from ..quantizers import QuantAct, WeightQuantizer
 
 BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2")
 CHECKPOINT = "checkpoint.pt"
