@@ -13,13 +13,16 @@ from .correction import quantization_correction
 from .dampening import dampening_loss
 from .ema import QATModelEMA
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
-from .prepare import prepare, weight_quantizers
-from .quantizers import QuantAct, WeightQuantizer
+from .prepare import prepare, quant_layers, quantizers, weight_quantizers
+from .quantizers import NonFiniteError, QuantAct, WeightQuantizer
 from .report import format_report, oscillation_report
-from .schedule import QATSchedule, arm_tracking
+from .schedule import QATSchedule, arm_tracking, scales_at_floor
+from .summary import PrepareSummary
+from .transition import TransitionRateSchedule
 
-__all__ = ["BackendUnavailable", "QATConfig", "QATModelEMA", "QATSchedule", "QuantAct", "QuantConv1d", "QuantConv2d",
-           "QuantLinear", "WeightQuantizer", "arm_tracking", "dampening_loss", "format_report", "get_backend",
-           "oscillation_report", "ops", "prepare", "quantization_correction", "reestimate_bn", "set_backend", "use_backend",
-           "weight_quantizers"]
+__all__ = ["BackendUnavailable", "NonFiniteError", "PrepareSummary", "QATConfig", "QATModelEMA", "QATSchedule",
+           "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightQuantizer",
+           "arm_tracking", "dampening_loss", "format_report", "get_backend", "ops", "oscillation_report", "prepare",
+           "quant_layers", "quantization_correction", "quantizers", "reestimate_bn", "scales_at_floor", "set_backend",
+           "use_backend", "weight_quantizers"]
 __version__ = "0.1.0"

@@ -6,7 +6,6 @@ cannot run tensors of that device type here.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import sys
 
@@ -106,12 +105,17 @@ def set_backend(name: str) -> None:
     _current = name
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Context manager form of `set_backend`; restores the previous setting on exit."""
-    previous = _current
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+class use_backend:
+    """Select the backend: as a plain call, `oscqat.use_backend("torch")`, it stays selected (like `set_backend`);
+    as a context manager, `with oscqat.use_backend("torch"):`, the previous setting comes back on exit."""
+
+    def __init__(self, name: str):
+        self.previous = _current
+        set_backend(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        set_backend(self.previous)
+        return False

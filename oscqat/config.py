@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("lsq", "dampen", "freeze", "dampen+freeze")
+METHODS = ("lsq", "dampen", "freeze", "dampen+freeze", "tr", "tr+dampen", "tr+freeze", "tr+dampen+freeze")
 INITS = ("mse", "lsq", "minmax")
 DAMP_REDUCTIONS = ("sum", "kernel_mean")
 
@@ -20,8 +20,8 @@ class QATConfig:
     """Validated on construction; every field has the default a MobileNet-class W4A4 run wants."""
     weight_bits: int = 4
     act_bits: int = 4
+    method: str = "dampen+freeze"            # QATConfig(4, 4, "dampen+freeze") reads as it is meant
     per_channel: bool = False
-    method: str = "dampen+freeze"
     quantize_activations: bool = True
     first_last_bits: int | None = 8          # None: first/last layers get weight_bits/act_bits too
     skip: tuple[str, ...] = ()               # fnmatch patterns of module names left in float
@@ -38,6 +38,8 @@ class QATConfig:
     lsq_grad_scale: bool = True
     act_offset: bool = False                 # LSQ+ learned offset for activations
     calib_batches: int = 8
+    scale_min: float = 1e-6                  # floor of every learned scale (docs/semantics.md, "Scale floor")
+    check_finite: bool = True                # NaN/Inf check in each step's first forward (no sync on GPU)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -46,6 +48,9 @@ class QATConfig:
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "QATConfig.first_last_bits")
         check_bits(self.track_max_bits, "QATConfig.track_max_bits")
+        for name in ("per_channel", "quantize_activations", "track", "lsq_grad_scale", "act_offset", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.method not in METHODS:
             raise ValueError(f"QATConfig.method must be one of {METHODS}, got {self.method!r}")
         for name, allowed in (("weight_init", INITS), ("act_init", INITS), ("damp_reduction", DAMP_REDUCTIONS)):
@@ -57,10 +62,15 @@ class QATConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"QATConfig.{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.scale_min, bool) or not isinstance(self.scale_min, (int, float)) \
+                or not 1e-30 <= self.scale_min < 1:
+            raise ValueError(f"QATConfig.scale_min must be a number in [1e-30, 1), got {self.scale_min!r}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"QATConfig.warmup must be in [0, 1), got {self.warmup!r}")
         if self.freeze and not self.track:
             raise ValueError("QATConfig: method 'freeze' needs track=True")
+        if self.transition and not self.track:
+            raise ValueError("QATConfig: method 'tr' (transition-rate scheduling) needs track=True")
         self.skip = tuple(self.skip)
 
     @property
@@ -70,3 +80,8 @@ class QATConfig:
     @property
     def freeze(self) -> bool:
         return "freeze" in self.method
+
+    @property
+    def transition(self) -> bool:
+        """Transition-rate scheduling (oscqat.TransitionRateSchedule) drives the latent weights' learning rate."""
+        return "tr" in self.method.split("+")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
+from . import step_hook
 from .config import QATConfig
 from .quantizers import QuantAct, WeightQuantizer
 
@@ -24,11 +25,18 @@ class _QuantLayer:
         self.weight_quant = WeightQuantizer(
             self.weight.shape, wb, config.per_channel, track=active, dampen=active and config.dampen,
             freeze=active and config.freeze, momentum=config.momentum, damp_reduction=config.damp_reduction,
-            lsq_grad_scale=config.lsq_grad_scale, name=f"{name}.weight" if name else type(self).__name__)
+            lsq_grad_scale=config.lsq_grad_scale, name=f"{name}.weight" if name else type(self).__name__,
+            scale_min=config.scale_min, check_finite=config.check_finite)
         self.input_quant = QuantAct(ab, signed=True, offset=config.act_offset, lsq_grad_scale=config.lsq_grad_scale,
-                                    name=f"{name}.input" if name else f"{type(self).__name__}.input") \
+                                    name=f"{name}.input" if name else f"{type(self).__name__}.input",
+                                    scale_min=config.scale_min, check_finite=config.check_finite) \
             if config.quantize_activations else None
         self.output_correction = None      # set by oscqat.correction.quantization_correction
+        step_hook.register(self, layer=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        step_hook.register(self, layer=True)
 
     def _quant_input(self, x):
         return x if self.input_quant is None else self.input_quant(x)

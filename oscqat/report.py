@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .prepare import quant_layers
+from .prepare import quant_layers, quantizers
 
 OSC_THRESHOLD = 0.005
 
@@ -38,7 +38,11 @@ def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> di
     total = {"numel": tot["numel"], "osc_pct": 100.0 * tot["oscillating"] / n,
              "osc_unfrozen_pct": 100.0 * tot["osc_unfrozen"] / n,
              "frozen_pct": 100.0 * tot["frozen"] / n, "mean_freq": tot["freq_sum"] / n}
-    return {"threshold": threshold, "layers": layers, "total": total}
+    at_floor = [{"quantizer": q.layer_name, "at_floor": int((q.scale <= q.scale_min).sum()),
+                 "scales": q.scale.numel(), "scale_min": q.scale_min}
+                for q in quantizers(model) if bool((q.scale <= q.scale_min).any())]
+    total["scales_at_floor"] = sum(r["at_floor"] for r in at_floor)
+    return {"threshold": threshold, "layers": layers, "total": total, "scales_at_floor": at_floor}
 
 
 def format_report(report: dict) -> str:
@@ -47,4 +51,8 @@ def format_report(report: dict) -> str:
     for r in report["layers"] + [dict(report["total"], layer="TOTAL", bits="")]:
         rows.append(f"{r['layer']:40s} {str(r['bits']):>4s} {r['numel']:9d} {r['osc_pct']:7.3f} "
                     f"{r['osc_unfrozen_pct']:13.3f} {r['frozen_pct']:8.3f} {r['mean_freq']:9.5f}")
+    floor = report.get("scales_at_floor", [])
+    rows.append(f"scales at their floor: {sum(r['at_floor'] for r in floor)}"
+                + "".join(f"\n  {r['quantizer']}: {r['at_floor']} of {r['scales']} at {r['scale_min']:g}"
+                          for r in floor))
     return "\n".join(rows)

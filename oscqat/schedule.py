@@ -3,16 +3,29 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
+from . import step_hook
 from .config import QATConfig
-from .prepare import weight_quantizers
+from .prepare import quantizers, weight_quantizers
 
 
 def arm_tracking(model: nn.Module) -> None:
-    """Make the next training forward of every weight quantizer the tracked one (once per optimizer step)."""
-    for q in weight_quantizers(model):
+    """Make the next training forward the step's first one for every quantizer: weights are tracked in it, and
+    inputs, weights and scales checked for NaN/Inf. Every `torch.optim` optimizer step that holds the model's
+    weights or scales already does this (oscqat/step_hook.py); call it yourself with another kind of update."""
+    for q in quantizers(model):
         q.arm()
+
+
+def scales_at_floor(model: nn.Module) -> torch.Tensor:
+    """How many learned scale values sit at their floor `scale_min` (docs/semantics.md): a 0-d int64 device
+    tensor, no sync. Many of them means scales are being pushed towards zero (learning rate too high for them)."""
+    counts = [(q.scale.detach() <= q.scale_min).sum() for q in quantizers(model)]
+    if not counts:
+        return torch.zeros((), dtype=torch.int64)
+    return torch.stack(counts).sum()
 
 
 def cosine_ramp(step: int, total: int, warmup: float) -> float:
@@ -66,9 +79,16 @@ class QATSchedule:
                 q.freeze_threshold.fill_(f_th)
 
     def step(self) -> None:
+        """After `optimizer.step()`: advances the schedules, arms the next forward, projects scales onto
+        their floor (sync-free)."""
         self.step_count += 1
         self._apply()
-        arm_tracking(self.model)
+        step_hook.after_step(quantizers(self.model))
+
+    @property
+    def scales_at_floor(self) -> torch.Tensor:
+        """0-d device tensor: how many scale values sit at their floor (see `oscqat.scales_at_floor`)."""
+        return scales_at_floor(self.model)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "total_steps": self.total_steps}
