@@ -8,7 +8,7 @@
 from . import ops  # registers the torch.library ops
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .bn import reestimate_bn
-from .config import QATConfig
+from .config import METHODS, QATConfig
 from .correction import quantization_correction
 from .dampening import dampening_loss
 from .ema import QATModelEMA
@@ -20,7 +20,7 @@ from .schedule import QATSchedule, arm_tracking, scales_at_floor
 from .summary import PrepareSummary
 from .transition import TransitionRateSchedule
 
-__all__ = ["BackendUnavailable", "NonFiniteError", "PrepareSummary", "QATConfig", "QATModelEMA", "QATSchedule",
+__all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", "QATConfig", "QATModelEMA", "QATSchedule",
            "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightQuantizer",
            "arm_tracking", "dampening_loss", "format_report", "get_backend", "ops", "oscillation_report", "prepare",
            "quant_layers", "quantization_correction", "quantizers", "reestimate_bn", "scales_at_floor", "set_backend",

@@ -81,8 +81,9 @@ def _first_available(device_type: str) -> str:
     return "torch"
 
 
-def get_backend() -> str:
-    return _current
+def get_backend(device_type: str | None = None) -> str:
+    """The setting ('auto' or a name); with `device_type` ('cpu', 'cuda'), the backend that actually runs there."""
+    return _current if device_type is None else resolve(device_type)
 
 
 def set_backend(name: str) -> None:

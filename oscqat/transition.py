@@ -64,7 +64,7 @@ class TransitionRateSchedule:
         original groups left in place, possibly empty, the new ones appended), whose `lr` is a 0-d device
         tensor = base lr * mu, base lr = the group's lr now. Everything else keeps the user's LR.
     total_steps: optimizer steps over which the target goes from `tr_start` to `tr_end` (`schedule`).
-    rule: "multiplicative" (default) mu <- clip(mu * exp(gamma * clip((k - TR) / k, -1, 1)), mu_min, mu_max);
+    rule: "multiplicative" (default) mu <- clip(mu * exp(gamma * clip((k - TR) / k, -4, 1)), mu_min, mu_max);
         "additive" mu <- clip(mu + gamma * (k - TR), mu_min, mu_max).
     per_layer: one mu per tracked layer, driven by the layer's own TR, instead of one global mu.
     """

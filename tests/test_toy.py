@@ -68,3 +68,20 @@ def test_toy_cli_rejects_bad_input(capsys):
     assert main(["toy", "--scale", "0"]) == 2
     assert "scale must be positive" in capsys.readouterr().err
     assert main(["toy", "--bits", "9"]) == 2
+
+
+def test_toy_plot_shows_latent_weight_and_labels():
+    pytest.importorskip("matplotlib")
+    from oscqat.app.toy import trace_figure
+    trace = {}
+    res = run_toy(w_star=0.33, steps=1000, trace=trace)
+    fig = trace_figure(trace, res, window=80)
+    assert len(fig.axes) == 4                              # 3 panels + the zoom's latent-weight axis
+    assert all(ax.get_ylabel() for ax in fig.axes)
+    zoom_int, zoom_latent = fig.axes[2], fig.axes[3]
+    assert len(zoom_int.lines[0].get_xdata()) == 80        # a window of steps, not a solid block of 1000
+    assert set(zoom_int.lines[0].get_ydata()) == {3, 4}     # the integers themselves
+    lat = zoom_latent.lines[0].get_ydata()
+    assert list(lat) == pytest.approx(trace["latent"][-80:])
+    assert max(lat) - min(lat) < 0.01                      # its own axis: the sub-step latent motion is visible
+    assert zoom_latent.get_ylim()[1] - zoom_latent.get_ylim()[0] < 0.01

@@ -1,10 +1,14 @@
 """`oscqat train` / `oscqat eval` end to end on tiny data (scikit-learn's digits, bundled, 8x8): a short run learns
-and writes a complete report, --resume continues identically, bad arguments give clear errors."""
+and writes a complete report naming its dataset, the full-precision accuracy is measured with correct BN
+statistics, eval scores the checkpoint's own dataset, --resume continues identically, bad arguments give clear
+errors, and the application uses only oscqat's public API."""
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +43,8 @@ def test_one_epoch_learns_and_writes_complete_report(tmp_path, fp_ckpt, capsys):
     assert rep["fp_acc"] > 50
     assert 0 <= rep["osc_pct"] <= 100 and 0 <= rep["frozen_pct"] <= 100
     assert rep["config"]["weight_bits"] == 4 and rep["config"]["method"] == "dampen+freeze"
+    assert rep["dataset"]["name"] == "digits" and rep["dataset"]["image_size"] == [8, 8]
+    assert "load_digits" in rep["dataset"]["path"] and rep["dataset"]["test_size"] == 355
     assert len(rep["layers"]) > 5 and any(layer["depthwise"] for layer in rep["layers"])
     assert {"fp_train_s", "qat_s", "bn_reestimate_s", "total_s"} <= set(rep["timings"])
     assert {"torch", "oscqat", "python"} <= set(rep["versions"])
@@ -49,6 +55,7 @@ def test_one_epoch_learns_and_writes_complete_report(tmp_path, fp_ckpt, capsys):
     for k in ("model", "config", "schedule", "opt_w", "opt_s", "lr_w", "rng", "epoch"):
         assert k in ck, k
     assert any(k.endswith("weight_quant.freq") for k in ck["model"])
+    assert ck["dataset"]["name"] == "digits" and ck["dataset"]["image_size"] == [8, 8]
     assert ck["schedule"]["step_count"] == rep["steps"] > 0
     capsys.readouterr()
     # `oscqat eval` reproduces the pre-BN accuracy exactly and re-estimates BN
@@ -56,6 +63,90 @@ def test_one_epoch_learns_and_writes_complete_report(tmp_path, fp_ckpt, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev["acc_pre_bn"] == pytest.approx(rep["acc_pre_bn"])
     assert ev["acc_post_bn"] > 50
+    assert ev["dataset"]["name"] == "digits" and ev["dataset_mismatch"] is None
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "dataset: digits (" in text and " on digits: " in text
+
+
+def test_fp_accuracy_is_measured_with_reestimated_bn(tmp_path, capsys):
+    """33 full-precision steps (batch 128, 3 epochs of digits): the eval-mode running statistics lag behind the
+    weights (near chance); the reported FP accuracy uses statistics re-estimated over training batches."""
+    fp = tmp_path / "fp.pt"
+    args = ["train", "--dataset", "digits", "--threads", "1", "--batch-size", "128", "--fp-epochs", "3",
+            "--fp-checkpoint", str(fp), "--epochs", "1", "--calib-batches", "2", "--bn-batches", "20", "--no-plots",
+            "--record-last", "0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["fp_acc"] > 60, rep["fp"]
+    assert "re-estimated" in rep["fp_acc_method"]
+    assert rep["fp"]["fp_acc_running_bn"] < rep["fp_acc"]
+    saved = torch.load(fp, weights_only=False)
+    assert saved["fp_acc"] == rep["fp_acc"] and saved["dataset"] == "digits" and saved["image_size"] == [8, 8]
+    assert saved["fp_acc_method"] and saved["format"]
+    # loading it reuses the recorded accuracy (same full test set) and says where it comes from
+    capsys.readouterr()
+    assert main([*args[:-1], "--out", str(tmp_path / "b")]) == 0
+    log = capsys.readouterr().out
+    assert f"--fp-checkpoint {fp}; test accuracy {rep['fp_acc']:.2f}%" in log
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["fp_acc"] == rep["fp_acc"]
+    # a full-precision checkpoint of another dataset (or image size) is refused
+    saved["image_size"] = [28, 28]
+    torch.save(saved, tmp_path / "other.pt")
+    err = _err(capsys, [*args[:5], *args[7:], "--fp-checkpoint", str(tmp_path / "other.pt"), "--out",
+                        str(tmp_path / "c")])
+    assert "images are 28x28" in err and "--fp-checkpoint none" in err
+
+
+def test_committed_fp_checkpoint_is_used_unless_none(tmp_path, monkeypatch, capsys):
+    from oscqat.app import models
+    fp = tmp_path / "committed.pt"
+    base = ["train", *TINY[:-1], "--subset", "200", "--test-subset", "100", "--epochs", "1", "--no-plots",
+            "--record-last", "0"]
+    assert main([*base, "--fp-epochs", "1", "--fp-checkpoint", str(fp), "--quiet", "--out", str(tmp_path / "a")]) == 0
+    monkeypatch.setattr(models, "fp_checkpoint", lambda model, dataset: fp if dataset == "digits" else None)
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert f"full-precision model: committed checkpoint {fp}" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["fp"]["fp_committed"] is True and rep["fp"]["fp_source"] == str(fp)
+    assert main([*base, "--fp-epochs", "1", "--fp-checkpoint", "none", "--out", str(tmp_path / "c")]) == 0
+    assert "training small-mobilenet for 1 epochs" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["fp"]["fp_source"] == "trained"
+
+
+def test_auto_dataset_is_recorded_and_eval_refuses_another(tmp_path, fp_ckpt, monkeypatch, capsys):
+    """A run on `--dataset auto` that resolved to digits is evaluated on digits even once Fashion-MNIST is
+    installed; another dataset is refused unless --allow-dataset-mismatch. Redirected output shows progress."""
+    from oscqat.app import data
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
+    monkeypatch.delenv("OSCQAT_FASHION_MNIST", raising=False)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--dataset", "auto", "--threads", "1", "--batch-size", "64", "--calib-batches", "2",
+                 "--bn-batches", "4", "--fp-epochs", "3", "--fp-checkpoint", fp_ckpt, "--subset", "640",
+                 "--test-subset", "200", "--epochs", "1", "--log-every", "3", "--no-plots", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    for line in ("data: digits (", "prepare: done in", "qat 1/1: step 3/10", "BN re-estimation over 4 training "
+                 "batches: done in", "digits: fp acc"):
+        assert line in log, line
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["dataset"]["name"] == "digits" and rep["args"]["dataset"] == "digits"
+    assert rep["args"]["dataset_requested"] == "auto"
+    monkeypatch.undo()        # Fashion-MNIST "installed" again (when this machine has it)
+    ckpt = str(out / "checkpoint.pt")
+    assert main(["eval", "--checkpoint", ckpt, "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["dataset"]["name"] == "digits" and ev["test_size"] == 200
+    assert ev["acc_pre_bn"] == pytest.approx(rep["acc_pre_bn"])
+    if data.default_fashion_mnist_dir() is None:
+        pytest.skip("Fashion-MNIST is not installed: the mismatch refusal needs a second dataset")
+    err = _err(capsys, ["eval", "--checkpoint", ckpt, "--dataset", "fashion-mnist"])
+    assert "trained on digits, --dataset gives fashion-mnist" in err and "--allow-dataset-mismatch" in err
+    assert main(["eval", "--checkpoint", ckpt, "--dataset", "fashion-mnist", "--allow-dataset-mismatch",
+                 "--bn-batches", "2", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["dataset"]["name"] == "fashion-mnist" and "trained on digits" in ev["dataset_mismatch"]
 
 
 def test_resume_continues_identically(tmp_path, fp_ckpt):
@@ -115,6 +206,52 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert "not an `oscqat train` checkpoint" in _err(capsys, ["eval", "--checkpoint", str(bogus)])
     with pytest.raises(SystemExit):
         main([*base, "--method", "nosuch"])
+
+
+def test_integer_traces_plot_actual_integers_of_the_most_oscillating_depthwise_layer():
+    import oscqat
+    from oscqat.app.models import small_mobilenet
+    from oscqat.app.plots import integer_traces_figure, traces_of_most_oscillating
+    from oscqat.app.train import is_depthwise, pick_depthwise, quant_layers
+    model = oscqat.prepare(small_mobilenet(10, 1), oscqat.QATConfig(), verbose=False)
+    layers = [(n, m) for n, m in quant_layers(model) if m.weight_quant.freq is not None]
+    dw = [n for n, m in layers if is_depthwise(m)]
+    assert len(dw) >= 2
+    for i, (n, m) in enumerate(layers):        # a pointwise layer oscillates most, then dw[1], then dw[0]
+        m.weight_quant.freq.fill_(0.5 if not is_depthwise(m) and i == 3 else 0.02 if n == dw[1] else 0.01)
+    name, q, mean_freq = pick_depthwise(model)
+    assert name == dw[1] and mean_freq == pytest.approx(0.02)
+    g = torch.Generator().manual_seed(0)
+    ints = {n: [torch.randint(-8, 8, (model.get_submodule(n).weight.numel(),), generator=g, dtype=torch.int8)
+                for _ in range(30)] for n in dw}
+    rec, freq = traces_of_most_oscillating(model, {"layers": dw, "ints": ints, "steps": list(range(100, 130))})
+    assert rec["layer"] == dw[1] and rec["depthwise"] and rec["mean_freq"] == pytest.approx(0.02)
+    fig = integer_traces_figure(rec, freq)
+    assert dw[1] in fig._suptitle.get_text() and "depthwise" in fig._suptitle.get_text()
+    assert len(fig.axes) == 6
+    for ax in fig.axes:
+        y = ax.lines[0].get_ydata()
+        assert all(float(v) == int(v) and -8 <= v <= 7 for v in y)       # the integers themselves, no offsets
+        assert ax.get_ylabel()
+
+
+def test_app_uses_only_the_public_api():
+    import oscqat
+    app = Path(oscqat.__file__).parent / "app"
+    public = set(oscqat.__all__) | {"__version__"}
+    for f in sorted(app.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.level == 0 and (node.module or "").startswith("oscqat")
+                                                and not (node.module or "").startswith("oscqat.app")), \
+                    f"{f.name}:{node.lineno}: imports from {'.' * node.level}{node.module}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    assert a.name == "oscqat" or not a.name.startswith("oscqat.") or a.name.startswith("oscqat.app"), \
+                        f"{f.name}:{node.lineno}: import {a.name}"
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "oscqat":
+                assert node.attr in public, f"{f.name}:{node.lineno}: oscqat.{node.attr} is not in oscqat.__all__"
 
 
 def test_idx_reader_plain_and_gzip(tmp_path):

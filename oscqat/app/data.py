@@ -117,7 +117,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> Dataset:
             raise ValueError(f"{paths[1]}: labels outside 0..9")
         arrays[split] = (torch.from_numpy(x.astype(np.float32) / 255.0)[:, None], torch.from_numpy(y.astype(np.int64)))
     return _normalise(Dataset("fashion-mnist", *arrays["train"], *arrays["test"], FASHION_MNIST_CLASSES,
-                              {"data_dir": str(d)}))
+                              {"data_dir": str(d.resolve())}))
 
 
 # ----------------------------------------------------------------------------------------------- digits
@@ -219,7 +219,8 @@ def load_image_folder(root: str | os.PathLike, size: int = 28, val_fraction: flo
             test[:] = False
             test[:: 5] = True
         x, y, tx, ty = x[~test], y[~test], x[test], y[test]
-    return _normalise(Dataset(root.name, x, y, tx, ty, tuple(classes), {"root": str(root), "image_size": size}))
+    return _normalise(Dataset(root.name, x, y, tx, ty, tuple(classes), {"root": str(root.resolve()),
+                                                                        "image_size": size}))
 
 
 # ----------------------------------------------------------------------------------------------- common
@@ -265,9 +266,30 @@ def load_dataset(name: str = "auto", data_dir: str | None = None, *, subset: int
     full = (len(ds.train_y), len(ds.test_y))
     ds.train_x, ds.train_y = _subset(ds.train_x, ds.train_y, subset, seed)
     ds.test_x, ds.test_y = _subset(ds.test_x, ds.test_y, test_subset, seed)
-    ds.info.update(train_size=len(ds.train_y), test_size=len(ds.test_y), full_train_size=full[0],
-                   full_test_size=full[1])
+    if ds.name == "fashion-mnist":
+        spec, path = "fashion-mnist", ds.info["data_dir"]
+    elif ds.name == "digits":
+        spec, path = "digits", "sklearn.datasets.load_digits (bundled with scikit-learn)"
+    else:
+        spec = path = ds.info["root"]
+    ds.info.update(name=ds.name, spec=spec, path=path, image_size=list(ds.image_size), in_channels=ds.in_channels,
+                   num_classes=ds.num_classes, train_size=len(ds.train_y), test_size=len(ds.test_y),
+                   full_train_size=full[0], full_test_size=full[1], subset=subset, test_subset=test_subset)
     return ds
+
+
+def describe(info: dict) -> str:
+    """One line naming a dataset from its `Dataset.info` (as stored in checkpoints and reports)."""
+    size = info.get("image_size")
+    size = "x".join(str(v) for v in size) if isinstance(size, (list, tuple)) else str(size or "?")
+    parts = [f"{info.get('name', '?')} ({info.get('path', '?')})", f"{info.get('in_channels', '?')}x{size} images"]
+    if "train_size" in info:
+        sub = f" of {info['full_train_size']}" if info.get("full_train_size") not in (None, info["train_size"]) else ""
+        parts.append(f"{info['train_size']}{sub} train")
+    if "test_size" in info:
+        sub = f" of {info['full_test_size']}" if info.get("full_test_size") not in (None, info["test_size"]) else ""
+        parts.append(f"{info['test_size']}{sub} test")
+    return ", ".join(parts)
 
 
 class Batches:

@@ -1,25 +1,30 @@
-"""`oscqat eval --checkpoint PATH`: re-evaluate an `oscqat train` checkpoint on its test set, before and after
-BatchNorm re-estimation, with the oscillation report."""
+"""`oscqat eval --checkpoint PATH`: re-evaluate an `oscqat train` checkpoint on the test set of the dataset it was
+trained on (as recorded in the checkpoint: name, path, image size, subset), before and after BatchNorm
+re-estimation, with the oscillation report. Another dataset is refused unless --allow-dataset-mismatch."""
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 import oscqat
 
-from ..config import QATConfig
-from .data import Batches, load_dataset
+from .data import Batches, describe, load_dataset
 from .train import build_model, evaluate, load_checkpoint, resolve_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `oscqat train`")
-    p.add_argument("--dataset", default=None, help="override the checkpoint's dataset (same classes)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dataset", default=None,
+                   help="default: the dataset the checkpoint was trained on; another one is refused unless "
+                        "--allow-dataset-mismatch")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files, when they moved")
+    p.add_argument("--allow-dataset-mismatch", action="store_true",
+                   help="score the checkpoint on a --dataset other than the one it was trained on")
     p.add_argument("--test-subset", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--bn-batches", type=int, default=None, help="default: the checkpoint's --bn-batches")
     p.add_argument("--batch-size", type=int, default=None)
@@ -31,21 +36,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(ck: dict, device="cpu") -> torch.nn.Module:
     """The quantized model of an `oscqat train` checkpoint, in eval mode."""
-    cfg = QATConfig(**ck["config"])
+    cfg = oscqat.QATConfig(**ck["config"])
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"])
-    model = oscqat.prepare(model, cfg)
+    model = oscqat.prepare(model, cfg, verbose=False)
     model.load_state_dict(ck["model"])
     return model.to(device).eval()
+
+
+def trained_dataset(ck: dict) -> dict:
+    """What the checkpoint records of its dataset: name, spec (what load_dataset takes), path, image size..."""
+    a = ck.get("args", {})
+    info = dict(ck.get("dataset") or {})
+    if "spec" not in info:   # checkpoints of before the dataset was recorded resolved: best effort
+        name = info.get("name")
+        info["spec"] = name if name in ("fashion-mnist", "digits") else info.get("root") or a.get("dataset")
+    info.setdefault("name", info["spec"])
+    if "path" not in info:
+        info["path"] = info.get("data_dir") or info.get("root") or a.get("data_dir")
+    return info
+
+
+def _mismatch(saved: dict, ds) -> list[str]:
+    why = []
+    if saved.get("name") != ds.name:
+        why.append(f"it was trained on {saved.get('name')}, --dataset gives {ds.name}")
+    size = saved.get("image_size")
+    if isinstance(size, int):
+        size = [size, size]
+    if size and list(size) != list(ds.image_size):
+        why.append(f"its images were {'x'.join(map(str, size))}, these are "
+                   f"{ds.image_size[0]}x{ds.image_size[1]}")
+    return why
 
 
 def run(args: argparse.Namespace) -> int:
     ck = load_checkpoint(args.checkpoint)
     a = ck["args"]
+    saved = trained_dataset(ck)
     device = resolve_device(args.device)
     with oscqat.use_backend(args.backend):
-        ds = load_dataset(args.dataset or a["dataset"], args.data_dir if args.dataset else a.get("data_dir"),
-                          subset=a.get("subset"), test_subset=args.test_subset or a.get("test_subset"),
-                          image_size=a.get("image_size"), seed=a.get("seed", 0))
+        if args.dataset is None:
+            path = saved.get("path") if saved["name"] == "fashion-mnist" else None
+            data_dir = args.data_dir or (path if path and Path(path).is_dir() else None)
+            try:
+                ds = load_dataset(saved["spec"], data_dir, subset=a.get("subset"),
+                                  test_subset=args.test_subset or a.get("test_subset"),
+                                  image_size=a.get("image_size"), seed=a.get("seed", 0))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"the checkpoint was trained on {saved['name']} ({saved.get('path')}), "
+                                        f"which cannot be loaded here: {e}") from e
+        else:
+            ds = load_dataset(args.dataset, args.data_dir, subset=a.get("subset"),
+                              test_subset=args.test_subset or a.get("test_subset"),
+                              image_size=a.get("image_size"), seed=a.get("seed", 0))
+        mismatch = _mismatch(saved, ds)
+        if mismatch and not args.allow_dataset_mismatch:
+            raise ValueError(f"{args.checkpoint}: {'; '.join(mismatch)}. Omit --dataset to use the checkpoint's, "
+                             f"or pass --allow-dataset-mismatch to score it on this one anyway")
         if ds.num_classes != ck["num_classes"] or ds.in_channels != ck["in_channels"]:
             raise ValueError(f"dataset {ds.name!r} has {ds.num_classes} classes and {ds.in_channels} channels; the "
                              f"checkpoint's model expects {ck['num_classes']} and {ck['in_channels']}")
@@ -59,15 +106,18 @@ def run(args: argparse.Namespace) -> int:
                                             device=device, max_batches=n_bn), num_batches=n_bn)
         post = evaluate(model, test)
         rep = oscqat.oscillation_report(model)
-    res = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "epochs": a.get("epochs"),
-           "fp_acc": ck["fp"]["fp_acc"], "acc_pre_bn": pre, "acc_post_bn": post,
-           "osc_pct": rep["total"]["osc_pct"], "frozen_pct": rep["total"]["frozen_pct"],
+    res = {"checkpoint": args.checkpoint, "dataset": ds.info, "trained_on": saved,
+           "dataset_mismatch": "; ".join(mismatch) or None, "epoch": ck["epoch"], "epochs": a.get("epochs"),
+           "fp_acc": ck["fp"]["fp_acc"], "fp_acc_method": ck["fp"].get("fp_acc_method"), "acc_pre_bn": pre,
+           "acc_post_bn": post, "osc_pct": rep["total"]["osc_pct"], "frozen_pct": rep["total"]["frozen_pct"],
            "test_size": len(ds.test_y), "eval_s": time.time() - t}
     if args.json:
         print(json.dumps(res, indent=2))
     elif not args.quiet:
         print(oscqat.format_report(rep))
-        print(f"{args.checkpoint} (epoch {ck['epoch']}/{a.get('epochs')}): fp {res['fp_acc']:.2f}%  "
+        print(f"dataset: {describe(ds.info)}"
+              + (f" -- NOT the checkpoint's: {res['dataset_mismatch']}" if mismatch else ""))
+        print(f"{args.checkpoint} (epoch {ck['epoch']}/{a.get('epochs')}) on {ds.name}: fp {res['fp_acc']:.2f}%  "
               f"pre-BN {pre:.2f}%  post-BN {post:.2f}%  oscillating {res['osc_pct']:.3f}%  "
               f"frozen {res['frozen_pct']:.3f}%")
     return 0

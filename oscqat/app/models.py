@@ -2,12 +2,14 @@
 for 28x28 inputs (the default of `oscqat train`), and a small ResNet-style net. No download, no torchvision."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 # (expansion t, channels c, repeats n, stride s) as in MobileNetV2's Table 2.
 MOBILENET_V2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                          (6, 160, 3, 2), (6, 320, 1, 1))
-# Small inputs (28x28): fewer, narrower stages, two stride-2 stages.
+# Small inputs (28x28): fewer, narrower stages, two stride-2 stages (after a stride-2 stem in small_mobilenet).
 SMALL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 1))
 
 
@@ -22,12 +24,15 @@ def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int =
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+    """`dw_kernel` / `dw_group_width` (default 3 / 1: depthwise 3x3, 9 weights per output channel) exist for the
+    weights-per-output-channel study of bench/experiments.py (5 / 1: 25 weights; 3 / 8: grouped, 72 weights)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, dw_kernel: int = 3, dw_group_width: int = 1):
         super().__init__()
         hidden = int(round(cin * expand))
         self.use_res = stride == 1 and cin == cout
         layers = [conv_bn_relu(cin, hidden, 1)] if expand != 1 else []
-        layers += [conv_bn_relu(hidden, hidden, 3, stride, groups=hidden),
+        layers += [conv_bn_relu(hidden, hidden, dw_kernel, stride, groups=hidden // dw_group_width),
                    nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
         self.conv = nn.Sequential(*layers)
 
@@ -38,7 +43,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0,
                  settings=MOBILENET_V2_SETTINGS, stem_stride: int = 2, last_channels: int = 1280,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, dw_kernel: int = 3, dw_group_width: int = 1):
         super().__init__()
         cin = _make_divisible(32 * width_mult)
         self.last_channels = _make_divisible(last_channels * max(1.0, width_mult))
@@ -46,7 +51,7 @@ class MobileNetV2(nn.Module):
         for t, c, n, s in settings:
             cout = _make_divisible(c * width_mult)
             for i in range(n):
-                feats.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                feats.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, dw_kernel, dw_group_width))
                 cin = cout
         feats.append(conv_bn_relu(cin, self.last_channels, 1))
         self.features = nn.Sequential(*feats)
@@ -71,10 +76,13 @@ def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:
     return MobileNetV2(num_classes)
 
 
-def small_mobilenet(num_classes: int = 10, in_channels: int = 1) -> MobileNetV2:
-    """MobileNetV2-style net for 28x28 inputs: inverted residuals, depthwise 3x3 convs, ~0.1M parameters."""
-    return MobileNetV2(num_classes, in_channels, width_mult=1.0, settings=SMALL_SETTINGS, stem_stride=1,
-                       last_channels=256, dropout=0.1)
+def small_mobilenet(num_classes: int = 10, in_channels: int = 1, dw_kernel: int = 3,
+                    dw_group_width: int = 1) -> MobileNetV2:
+    """MobileNetV2-style net for 28x28 inputs: a stride-2 stem (28 -> 14), inverted residuals with depthwise 3x3
+    convs (9 weights per output channel, 32..384 channels) at 14, 7 and 4 pixels, 0.13M parameters, about 4x
+    cheaper per step on a CPU core than a stride-1 stem."""
+    return MobileNetV2(num_classes, in_channels, width_mult=1.0, settings=SMALL_SETTINGS, stem_stride=2,
+                       last_channels=256, dropout=0.1, dw_kernel=dw_kernel, dw_group_width=dw_group_width)
 
 
 class BasicBlock(nn.Module):
@@ -91,12 +99,35 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.short(x))
 
 
-def small_resnet(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
-    """ResNet-style net for 28x28 inputs: 3 stages of 2 basic blocks."""
-    layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+def small_resnet(num_classes: int = 10, in_channels: int = 1, width: int = 16, stem_stride: int = 2) -> nn.Module:
+    """ResNet-style net for 28x28 inputs: a stride-2 stem (28 -> 14, like small_mobilenet), then 3 stages of 2
+    basic blocks (full 3x3 convs: 144..576 weights per output channel) at 14, 7 and 4 pixels, 0.17M parameters."""
+    layers = [nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(width),
+              nn.ReLU(inplace=True)]
     cin = width
     for i, cout in enumerate((width, 2 * width, 4 * width)):
         layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------------- FP checkpoints
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+_DATASET_KEYS = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+# study variants of small_mobilenet: name -> (dw_kernel, dw_group_width); weights per output channel 25 and 72
+STUDY_VARIANTS = {"small-mobilenet-k5": (5, 1), "small-mobilenet-g8": (3, 8)}
+_MODEL_KEYS = {**{k: k for k in STUDY_VARIANTS}, "small-mobilenet": "small-mobilenet", "small-mobilenetv2": "small-mobilenet",
+               "mobilenet-small": "small-mobilenet", "small-resnet": "small-resnet", "resnet-small": "small-resnet"}
+
+
+def fp_checkpoint(model_name: str, dataset: str) -> Path | None:
+    """The committed full-precision checkpoint of a built-in model on a dataset (oscqat/app/checkpoints/
+    MODEL_DATASET.pt, the format `oscqat train --fp-checkpoint` loads: {"model": state_dict, "fp_acc", ...}),
+    or None when there is none. Commands that made them: oscqat/app/checkpoints/README.md."""
+    m = _MODEL_KEYS.get(str(model_name).lower().replace("_", "-"))
+    d = _DATASET_KEYS.get(str(dataset).lower())
+    if m is None or d is None:
+        return None
+    path = CHECKPOINT_DIR / f"{m}_{d}.pt"
+    return path if path.is_file() else None

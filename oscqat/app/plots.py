@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..prepare import quant_layers
+from .train import is_depthwise, quant_layers
 
 
 def _plt():
@@ -18,37 +18,61 @@ def _plt():
     return plt
 
 
-def plot_integer_traces(record: dict, freq: torch.Tensor | None, path, top: int = 6) -> bool:
-    """Fig. 2: integers of the `top` weights of `record['layer']` that changed direction most often in the window
-    (ties broken by the tracker's frequency)."""
-    if not record.get("ints"):
-        return False
-    plt = _plt()
-    ints = torch.stack([t.to(torch.int16) for t in record["ints"]])          # (K, numel)
-    d = torch.diff(ints, dim=0)
-    sgn = torch.sign(d)
-    # reversals: a change opposite to the previous non-zero change
+def reversal_counts(ints: torch.Tensor) -> torch.Tensor:
+    """Per column of `ints` (steps x weights): direction reversals, i.e. changes opposite to the previous
+    non-zero change."""
+    sgn = torch.sign(torch.diff(ints.to(torch.int16), dim=0))
     last = torch.zeros(ints.shape[1], dtype=sgn.dtype)
     rev = torch.zeros(ints.shape[1], dtype=torch.int32)
     for row in sgn:
         nz = row != 0
         rev += (nz & (row == -last)).int()
         last = torch.where(nz, row, last)
-    score = rev.double() + (freq.flatten().double().cpu() if freq is not None else 0.0) * 1e-3
-    idx = torch.argsort(score, descending=True)[:top]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    steps = record["steps"]
-    for j, i in enumerate(idx.tolist()):
-        ax.plot(steps, (ints[:, i] + 0.06 * (j - top / 2)).tolist(), drawstyle="steps-post", lw=1.2,
-                label=f"w[{i}] ({int(rev[i])} rev.)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("integer value")
-    ax.set_title(f"{record['layer']}: most oscillating weights, last {len(steps)} steps")
-    ax.legend(fontsize=7, ncol=3, loc="best")
-    fig.tight_layout()
+    return rev
+
+
+def plot_integer_traces(record: dict, freq: torch.Tensor | None, path, top: int = 6) -> bool:
+    fig = integer_traces_figure(record, freq, top)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plt().close(fig)
     return True
+
+
+def integer_traces_figure(record: dict, freq: torch.Tensor | None, top: int = 6):
+    """Fig. 2: the integer values of the `top` weights of `record['layer']` that changed direction most often in
+    the recorded window (ties broken by the tracker's frequency), one panel each, no offsets."""
+    if not record.get("ints"):
+        return None
+    plt = _plt()
+    ints = torch.stack([t.to(torch.int16) for t in record["ints"]])          # (K, numel)
+    rev = reversal_counts(ints)
+    score = rev.double() + (freq.flatten().double().cpu() if freq is not None else 0.0) * 1e-3
+    idx = torch.argsort(score, descending=True)[:min(top, ints.shape[1])].tolist()
+    steps = record["steps"]
+    fig, axes = plt.subplots(len(idx), 1, figsize=(8, 1.1 + 1.15 * len(idx)), sharex=True, squeeze=False)
+    for ax, i in zip(axes[:, 0], idx):
+        v = ints[:, i]
+        ax.plot(steps, v.tolist(), drawstyle="steps-post", lw=1.0, color="C0")
+        lo, hi = int(v.min()), int(v.max())
+        if hi - lo <= 6:
+            ax.set_yticks(range(lo, hi + 1))
+        ax.set_ylim(lo - 0.5, hi + 0.5)
+        ax.set_ylabel("integer", fontsize=8)
+        ax.tick_params(labelsize=8)
+        f = f", f={float(freq.flatten()[i]):.3f}" if freq is not None else ""
+        ax.set_title(f"w[{i}]: {int(rev[i])} reversals{f}", fontsize=8, loc="left", pad=2)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("QAT step")
+    kind = "depthwise layer" if record.get("depthwise", True) else "layer (no tracked depthwise layer)"
+    mf = f" (mean freq {record['mean_freq']:.4f} at step {record['start']})" if record.get("mean_freq") is not None \
+        else ""
+    fig.suptitle(f"most oscillating {kind}: {record['layer']}{mf}\n"
+                 f"integer values of its {len(idx)} most-reversing weights over the last {len(steps)} steps",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 @torch.no_grad()
@@ -65,8 +89,7 @@ def grid_distances(model: nn.Module) -> dict[str, torch.Tensor]:
         ok = (x >= q.qmin - 0.5) & (x <= q.qmax + 0.5)
         frozen = q.frozen()
         dist = (x - torch.round(x))[ok & ~frozen]
-        dw = getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels
-        out["depthwise" if dw else "other"].append(dist.flatten().cpu())
+        out["depthwise" if is_depthwise(layer) else "other"].append(dist.flatten().cpu())
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
 
 
@@ -107,12 +130,24 @@ def plot_oscillation_history(history: dict, path) -> bool:
     return True
 
 
+def traces_of_most_oscillating(model: nn.Module, record: dict) -> tuple[dict, torch.Tensor | None]:
+    """From `oscqat train`'s record of integers (per recorded layer), the record of the layer whose weights
+    oscillate most at the end of training (highest mean frequency; depthwise layers first), and its frequencies."""
+    if record.get("layers") is None:            # a single-layer record (checkpoints of before)
+        return record, model.get_submodule(record["layer"]).weight_quant.freq if record.get("layer") else None
+    if not record["layers"] or not record["steps"]:
+        return {}, None
+    freqs = {n: model.get_submodule(n).weight_quant.freq for n in record["layers"]}
+    name = max(record["layers"], key=lambda n: float(freqs[n].double().mean()))
+    layer = model.get_submodule(name)
+    return {"layer": name, "ints": record["ints"][name], "steps": record["steps"], "depthwise": is_depthwise(layer),
+            "mean_freq": float(freqs[name].double().mean()), "start": record["steps"][-1]}, freqs[name]
+
+
 def write_all(model: nn.Module, history: dict, record: dict, out) -> dict:
     out = Path(out)
     written = {}
-    freq = None
-    if record.get("layer"):
-        freq = model.get_submodule(record["layer"]).weight_quant.freq
+    record, freq = traces_of_most_oscillating(model, record)
     for name, fn in (("integer_traces", lambda p: plot_integer_traces(record, freq, p)),
                      ("grid_distance", lambda p: plot_grid_distance(model, p)),
                      ("oscillation_history", lambda p: plot_oscillation_history(history, p))):

@@ -5,6 +5,12 @@ a resumable checkpoint and plots in --out.
     oscqat train                                  # small MobileNetV2-style net, W4A4, dampen+freeze, defaults
     oscqat train --w-bits 3 --a-bits 32 --method lsq --subset 5000 --epochs 2 --out runs/w3
     oscqat train --resume runs/w3/checkpoint.pt   # continue an interrupted run (same final weights)
+
+The full-precision starting point is, in this order: --fp-checkpoint FILE (loaded if it exists, else trained and
+saved there), the committed checkpoint of (model, dataset) in oscqat/app/checkpoints/ (`models.fp_checkpoint`),
+else trained for --fp-epochs; `--fp-checkpoint none` always trains. A trained model's full-precision accuracy is
+measured after re-estimating its BatchNorm statistics (the running statistics of a short training lag behind the
+weights). Uses only oscqat's public API.
 """
 from __future__ import annotations
 
@@ -25,14 +31,27 @@ from torch import nn
 
 import oscqat
 
-from ..config import METHODS, QATConfig
-from .data import Batches, load_dataset
-from ..prepare import quant_layers
-from ..quantizers import QuantAct, WeightQuantizer
+from .data import Batches, describe, load_dataset
 
+QATConfig = oscqat.QATConfig
 BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2")
 CHECKPOINT = "checkpoint.pt"
 CKPT_FORMAT = 1
+FP_FORMAT = "oscqat-fp/2"      # full-precision checkpoints: {"model": state_dict, ...}; see save_fp_checkpoint
+quant_layers = oscqat.quant_layers
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    return getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels
+
+
+def _method(value: str) -> str:
+    """--method, validated by oscqat.QATConfig itself (so that every method it knows is accepted)."""
+    try:
+        QATConfig(method=value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -57,7 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer; 0 = same "
                                                                    "as the others")
     g.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
-    g.add_argument("--method", default="dampen+freeze", choices=METHODS, help="oscillation remedy")
+    g.add_argument("--method", default="dampen+freeze", type=_method,
+                   help="oscillation remedy, one of oscqat.QATConfig's methods (lsq, dampen, freeze, dampen+freeze, "
+                        "...)")
     d = QATConfig()
     g = p.add_argument_group("oscillation schedules")
     g.add_argument("--freeze-start", "--f-th-start", dest="freeze_start", type=float, default=d.freeze_start,
@@ -69,13 +90,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=d.momentum, help="EMA momentum of the oscillation tracker")
     g.add_argument("--warmup", type=float, default=d.warmup,
                    help="fraction of QAT steps before freezing and dampening start")
+    g.add_argument("--tr-start", type=float, default=1e-2,
+                   help="methods tr...: target transition rate at the start (cosine-annealed to --tr-end)")
+    g.add_argument("--tr-end", type=float, default=1e-3, help="methods tr...: target transition rate at the end")
     g = p.add_argument_group("training")
     g.add_argument("--fp-epochs", type=int, default=5, help="epochs of full-precision training (when no "
                                                             "--fp-checkpoint is loaded)")
     g.add_argument("--fp-lr", type=float, default=0.05, help="full-precision learning rate (SGD, cosine)")
     g.add_argument("--fp-checkpoint", default=None,
                    help="full-precision starting point: loaded if the file exists, else trained for --fp-epochs "
-                        "and saved there")
+                        "and saved there; default: the committed checkpoint of (--model, dataset) when there is "
+                        "one, else trained; 'none': always train")
     g.add_argument("--epochs", type=int, default=5, help="QAT epochs")
     g.add_argument("--lr", type=float, default=0.01, help="QAT learning rate of the weights (SGD momentum 0.9, "
                                                            "cosine)")
@@ -97,13 +122,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run saved in CHECKPOINT (its own arguments are used; --out, --quiet, "
                         "--device, --backend, --stop-after-epoch may be given)")
     g.add_argument("--record-last", type=int, default=200,
-                   help="record a depthwise layer's integers over the last K steps (Fig. 2 plot)")
+                   help="record the depthwise layers' integers over the last K steps (Fig. 2 plot of the most "
+                        "oscillating one)")
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    g.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="without a terminal (output redirected): a progress line every N steps (default: 10 "
+                        "lines per epoch)")
     g.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
 
 
-RESUME_OVERRIDES = ("out", "quiet", "device", "backend", "stop_after_epoch", "resume", "threads", "no_plots")
+RESUME_OVERRIDES = ("out", "quiet", "device", "backend", "stop_after_epoch", "resume", "threads", "no_plots",
+                    "log_every")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -120,7 +150,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if a.epochs == 0:
         raise ValueError("--epochs must be >= 1 (QAT epochs)")
-    for name in ("batch_size", "calib_batches", "bn_batches"):
+    log_every = ("log_every",) if getattr(a, "log_every", None) is not None else ()
+    for name in ("batch_size", "calib_batches", "bn_batches") + log_every:
         if getattr(a, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     if a.subset is not None and a.subset <= 0:
@@ -129,6 +160,10 @@ def check_args(a: argparse.Namespace) -> None:
         v = getattr(a, name)
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    for name in ("tr_start", "tr_end"):
+        v = getattr(a, name, 1e-2)
+        if not 0 < v <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a transition rate in (0, 1], got {v}")
 
 
 def qat_config(a: argparse.Namespace) -> QATConfig:
@@ -196,13 +231,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-class Progress:
-    """tqdm bar when enabled and stdout is a TTY, otherwise nothing (or one line per epoch unless quiet)."""
+_START = [time.time()]      # start of the current run: log lines carry the seconds elapsed since
 
-    def __init__(self, total: int, desc: str, quiet: bool):
+
+class Progress:
+    """tqdm bar when enabled and stdout is a TTY; otherwise (output redirected) a log line every `every` steps
+    (default: 10 per epoch) with the elapsed time; nothing when quiet."""
+
+    def __init__(self, total: int, desc: str, quiet: bool, every: int | None = None):
         self.bar = None
         self.quiet = quiet
         self.desc = desc
+        self.total = total
+        self.n = 0
+        self.t0 = time.time()
+        self.every = every or max(1, -(-total // 10))
+        self.min_gap = 0.0 if every else 10.0      # default: no more than a line per 10 s
+        self.last = self.t0
         if not quiet and sys.stdout.isatty():
             try:
                 from tqdm import tqdm
@@ -211,9 +256,15 @@ class Progress:
                 pass
 
     def update(self, **post):
+        self.n += 1
         if self.bar is not None:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
+        elif not self.quiet and self.n % self.every == 0 and self.n < self.total \
+                and time.time() - self.last >= self.min_gap:
+            self.last = time.time()
+            _print(f"{self.desc}: step {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in post.items())
+                   + f" ({time.time() - self.t0:.0f} s, {(time.time() - self.t0) / self.n:.2f} s/step)")
 
     def close(self, **post):
         if self.bar is not None:
@@ -221,9 +272,34 @@ class Progress:
             self.bar.close()
 
 
+def _print(msg: str) -> None:
+    print(f"[{time.time() - _START[0]:6.0f} s] {msg}", flush=True)
+
+
 def log(args, msg: str) -> None:
     if not args.quiet:
-        print(msg, flush=True)
+        _print(msg)
+
+
+class Phase:
+    """`with Phase(args, timings, "prepare_s", "prepare: ..."):` logs the start and the duration of a phase and
+    adds the duration to timings[key]."""
+
+    def __init__(self, args, timings: dict, key: str | None, what: str):
+        self.args, self.timings, self.key, self.what = args, timings, key, what
+
+    def __enter__(self):
+        log(self.args, f"{self.what} ...")
+        self.t = time.time()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        dt = time.time() - self.t
+        if self.key is not None:
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + dt
+        if exc_type is None:
+            log(self.args, f"{self.what.split(':')[0]}: done in {dt:.1f} s")
+        return False
 
 
 @torch.no_grad()
@@ -242,7 +318,7 @@ def split_params(model: nn.Module):
     """(weights and biases, quantizer scales/offsets)."""
     qparams = set()
     for m in model.modules():
-        if isinstance(m, (WeightQuantizer, QuantAct)):
+        if isinstance(m, (oscqat.WeightQuantizer, oscqat.QuantAct)):
             qparams.update(id(p) for p in m.parameters(recurse=False))
     decay, no_decay, quant = [], [], []
     for n, p in model.named_parameters():
@@ -267,19 +343,19 @@ def osc_stats(model: nn.Module) -> tuple[float, float]:
 
 
 def pick_depthwise(model: nn.Module):
-    """(name, quantizer) of the tracked depthwise layer with the most oscillating weights now (else the first
-    tracked layer)."""
-    best, first = None, None
+    """(name, quantizer, mean oscillation frequency) of the tracked depthwise layer whose weights oscillate most
+    now (highest mean frequency), else of the tracked layer that does."""
+    best, best_dw = None, None
     for name, layer in quant_layers(model):
         q = layer.weight_quant
         if q.freq is None:
             continue
-        first = first or (name, q)
-        if getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels:
-            score = float((q.freq > 0.005).float().mean())
-            if best is None or score > best[0]:
-                best = (score, name, q)
-    return (best[1], best[2]) if best else first
+        score = float(q.freq.double().mean())
+        if best is None or score > best[2]:
+            best = (name, q, score)
+        if is_depthwise(layer) and (best_dw is None or score > best_dw[2]):
+            best_dw = (name, q, score)
+    return best_dw or best
 
 
 def versions() -> dict:
@@ -301,9 +377,10 @@ def train_fp(model, ds, args, device) -> dict:
     data = Batches(ds.train_x, ds.train_y, args.batch_size, shuffle=True, seed=args.seed + 99, drop_last=True,
                    augment=args.augment, device=device)
     model.train()
+    train_acc = None
     for epoch in range(args.fp_epochs):
         data.set_epoch(epoch)
-        bar = Progress(len(data), f"fp {epoch + 1}/{args.fp_epochs}", args.quiet)
+        bar = Progress(len(data), f"fp {epoch + 1}/{args.fp_epochs}", args.quiet, args.log_every)
         tl = tc = tn = 0.0
         for x, y in data:
             out = model(x)
@@ -315,54 +392,157 @@ def train_fp(model, ds, args, device) -> dict:
             tl += loss.item() * len(y)
             tc += float((out.argmax(1) == y).sum())
             tn += len(y)
-            bar.update(loss=f"{tl / tn:.3f}", acc=f"{100 * tc / tn:.1f}")
-        bar.close(loss=f"{tl / max(1, tn):.3f}", acc=f"{100 * tc / max(1, tn):.1f}")
+            bar.update(loss=f"{tl / tn:.3f}", acc=f"{100 * tc / tn:.1f}%")
+        train_acc = 100 * tc / max(1, tn)
+        bar.close(loss=f"{tl / max(1, tn):.3f}", acc=f"{train_acc:.1f}%")
         if bar.bar is None:
             log(args, f"fp epoch {epoch + 1}/{args.fp_epochs}: loss {tl / max(1, tn):.4f} "
-                      f"train acc {100 * tc / max(1, tn):.2f}%")
-    return {"steps": steps}
+                      f"train acc {train_acc:.2f}% ({time.time() - bar.t0:.0f} s)")
+    return {"steps": steps, "train_acc": train_acc}
+
+
+def bn_batches(ds, args, device) -> Batches:
+    """The training batches BatchNorm statistics are re-estimated over (FP model and QAT model alike)."""
+    return Batches(ds.train_x, ds.train_y, args.batch_size, shuffle=True, seed=args.seed + 777, device=device,
+                   max_batches=args.bn_batches)
+
+
+def fp_source(args, ds) -> tuple[Path | None, bool]:
+    """(checkpoint to load or to save to, whether it is a committed one) for the full-precision model."""
+    spec = args.fp_checkpoint
+    if spec is not None and str(spec).lower() == "none":
+        return None, False
+    if spec:
+        return Path(spec), False
+    try:
+        from .models import fp_checkpoint
+    except ImportError:
+        return None, False
+    path = fp_checkpoint(args.model, ds.name)
+    return (Path(path), True) if path else (None, False)
+
+
+def _fp_dataset(meta: dict) -> tuple[str | None, list | None]:
+    """(dataset name, [H, W]) recorded in a full-precision checkpoint, as far as it records them."""
+    d = meta.get("dataset")
+    info = meta.get("dataset_info") or (d if isinstance(d, dict) else {})
+    name = d if isinstance(d, str) else info.get("name")
+    size = meta.get("image_size") or info.get("image_size")
+    if isinstance(size, int):
+        size = [size, size]
+    return name, list(size) if size else None
+
+
+def save_fp_checkpoint(path: Path, model: nn.Module, ds, args, info: dict) -> None:
+    """Full-precision checkpoint (FP_FORMAT). Required by the loader: "model" (state_dict of
+    build_model(model_name, num_classes, in_channels)); checked when present: "dataset" (name, e.g.
+    'fashion-mnist'), "image_size" ([H, W]); "fp_acc" is reused as is (no test pass) when "fp_acc_method" says
+    how the BN statistics were obtained and "test_size" is the full test set's."""
+    state = {"format": FP_FORMAT, "model": model.state_dict(), "model_name": args.model,
+             "num_classes": ds.num_classes, "in_channels": ds.in_channels, "dataset": ds.name,
+             "image_size": list(ds.image_size), "dataset_info": ds.info, "fp_acc": info["fp_acc"],
+             "fp_acc_method": info["fp_acc_method"], "fp_acc_running_bn": info.get("fp_acc_running_bn"),
+             "test_size": len(ds.test_y), "fp_epochs": args.fp_epochs, "seed": args.seed}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_fp(path: Path, committed: bool, model: nn.Module, ds, args, device) -> dict | None:
+    """Load `path` into `model`; None when a committed checkpoint does not fit the dataset (then FP trains)."""
+    what = "committed full-precision checkpoint" if committed else "--fp-checkpoint"
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors of many kinds
+        raise RuntimeError(f"{what} {path}: cannot read it: {str(e).splitlines()[0]}") from e
+    meta = ck if isinstance(ck, dict) and "model" in ck else {}
+    name, size = _fp_dataset(meta)
+    wrong = []
+    if name is not None and name != ds.name:
+        wrong.append(f"it was trained on {name}, this run uses {ds.name}")
+    if size is not None and size != list(ds.image_size):
+        wrong.append(f"its images are {size[0]}x{size[1]}, this run's {ds.image_size[0]}x{ds.image_size[1]}")
+    if wrong:
+        if committed:
+            log(args, f"not using the {what} {path}: {'; '.join(wrong)}")
+            return None
+        raise ValueError(f"--fp-checkpoint {path}: {'; '.join(wrong)} (pass --fp-checkpoint none to train a "
+                         f"full-precision model on this dataset)")
+    try:
+        model.load_state_dict(meta["model"] if meta else ck)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise RuntimeError(f"{what} {path}: cannot load a full-precision {args.model!r} state "
+                           f"({ds.num_classes} classes, {ds.in_channels} input channels) from it: "
+                           f"{str(e).splitlines()[0]}") from e
+    return meta
 
 
 def fp_model(ds, args, device, timings) -> tuple[nn.Module, dict]:
+    """The full-precision model QAT starts from, and what is known of it (fp_acc measured with correct BN
+    statistics, and how)."""
     model = build_model(args.model, ds.num_classes, ds.in_channels).to(device)
     info = {"model_name": args.model, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
             "dataset": ds.name}
-    path = Path(args.fp_checkpoint) if args.fp_checkpoint else None
+    path, committed = fp_source(args, ds)
     test = Batches(ds.test_x, ds.test_y, 512, device=device)
+    full_test = len(ds.test_y) == ds.info.get("full_test_size")
     if path is not None and path.is_file():
-        t = time.time()
-        try:
-            ck = torch.load(path, map_location=device, weights_only=False)
-            sd = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
-            model.load_state_dict(sd)
-        except (RuntimeError, KeyError, EOFError, OSError, TypeError) as e:
-            raise RuntimeError(f"--fp-checkpoint {path}: cannot load a full-precision {args.model!r} state "
-                               f"({ds.num_classes} classes, {ds.in_channels} input channels) from it: "
-                               f"{str(e).splitlines()[0]}") from e
-        fp_acc = ck.get("fp_acc") if isinstance(ck, dict) else None
-        if fp_acc is None or ck.get("test_size") != len(ds.test_y):
-            fp_acc = evaluate(model, test)
-        timings["fp_load_s"] = time.time() - t
-        log(args, f"loaded full-precision model from {path} (test acc {fp_acc:.2f}%)")
-        return model, dict(info, fp_acc=fp_acc, fp_source=str(path))
-    if path is None and args.fp_epochs == 0:
-        log(args, "warning: --fp-epochs 0 and no --fp-checkpoint: QAT starts from a randomly initialised model")
-    t = time.time()
+        with Phase(args, timings, "fp_load_s", f"full-precision model: loading {path}"):
+            meta = _load_fp(path, committed, model, ds, args, device)
+        if meta is not None:
+            source = f"{'committed checkpoint' if committed else '--fp-checkpoint'} {path}"
+            # how its BN statistics were made: "fp_acc_method" (this module), "bn" (bench/train_fp.py)
+            bn_method = meta.get("fp_acc_method") or (f"BN statistics {meta['bn']}" if meta.get("bn") else None)
+            if bn_method and meta.get("fp_acc") is not None and full_test and meta.get("test_size") == len(ds.test_y):
+                fp_acc, method = float(meta["fp_acc"]), f"{bn_method}; recorded in the checkpoint"
+            elif bn_method:
+                with Phase(args, timings, "fp_eval_s", f"full-precision eval on {len(ds.test_y)} test images"):
+                    fp_acc = evaluate(model, test)
+                method = f"{bn_method}, as saved"
+            else:   # an older checkpoint: its BN statistics may be stale, re-estimate them
+                with Phase(args, timings, "fp_bn_reestimate_s",
+                           f"full-precision BN re-estimation over {len(bn_batches(ds, args, device))} training "
+                           f"batches"):
+                    n = oscqat.reestimate_bn(model, bn_batches(ds, args, device), num_batches=args.bn_batches)
+                with Phase(args, timings, "fp_eval_s", f"full-precision eval on {len(ds.test_y)} test images"):
+                    fp_acc = evaluate(model, test)
+                method = f"BN statistics re-estimated over {n} training batches"
+            log(args, f"full-precision model: {source}; test accuracy {fp_acc:.2f}% ({method})")
+            return model, dict(info, fp_acc=fp_acc, fp_acc_method=method, fp_source=str(path),
+                               fp_committed=committed, fp_checkpoint_format=meta.get("format"))
+    if args.fp_epochs == 0:
+        log(args, "warning: --fp-epochs 0 and no full-precision checkpoint: QAT starts from a randomly "
+                  "initialised model")
+    else:
+        why = "--fp-checkpoint none" if path is None and args.fp_checkpoint else \
+            f"no committed checkpoint for {args.model} on {ds.name}" if path is None else f"{path} does not exist yet"
+        log(args, f"full-precision model: training {args.model} for {args.fp_epochs} epochs ({why})")
     torch.manual_seed(args.seed)
     model = build_model(args.model, ds.num_classes, ds.in_channels).to(device)
-    train_fp(model, ds, args, device) if args.fp_epochs else None
-    fp_acc = evaluate(model, test)
+    t = time.time()
+    res = train_fp(model, ds, args, device) if args.fp_epochs else {}
     timings["fp_train_s"] = time.time() - t
-    log(args, f"full-precision test accuracy: {fp_acc:.2f}%")
-    state = {"model": model.state_dict(), "fp_acc": fp_acc, "test_size": len(ds.test_y), **info,
-             "fp_epochs": args.fp_epochs, "seed": args.seed}
+    # The running statistics of a short training lag behind the weights (eval-mode accuracy near chance after a
+    # few dozen steps): measure them, then replace them by statistics of the final weights.
+    with Phase(args, timings, "fp_eval_s", f"full-precision eval on {len(ds.test_y)} test images (running BN "
+                                           f"statistics of training)"):
+        acc_running = evaluate(model, test)
+    with Phase(args, timings, "fp_bn_reestimate_s",
+               f"full-precision BN re-estimation over {len(bn_batches(ds, args, device))} training batches"):
+        n = oscqat.reestimate_bn(model, bn_batches(ds, args, device), num_batches=args.bn_batches)
+    with Phase(args, timings, "fp_eval_s", f"full-precision eval on {len(ds.test_y)} test images"):
+        fp_acc = evaluate(model, test)
+    method = f"BN statistics re-estimated over {n} training batches"
+    log(args, f"full-precision test accuracy: {fp_acc:.2f}% ({method}; {acc_running:.2f}% with the running "
+              f"statistics of training" + (f", train acc {res['train_acc']:.2f}%)" if res.get("train_acc")
+                                           is not None else ")"))
+    info = dict(info, fp_acc=fp_acc, fp_acc_method=method, fp_acc_running_bn=acc_running,
+                fp_train_acc=res.get("train_acc"), fp_source=str(path) if path else "trained", fp_committed=False)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_fp_checkpoint(path, model, ds, args, info)
         log(args, f"saved full-precision model to {path}")
-    return model, dict(info, fp_acc=fp_acc, fp_source=str(path) if path else "trained")
+    return model, info
 
 
 # ----------------------------------------------------------------------------------------------- QAT stage
@@ -375,7 +555,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_data)
         self.total = self.steps_per_epoch * args.epochs
         self.history = {"step": [], "osc_pct": [], "frozen_pct": [], "loss": [], "lam": [], "f_th": []}
-        self.record = {"layer": None, "start": None, "ints": [], "steps": []}
+        self.record = {"layers": None, "start": None, "ints": {}, "steps": []}
         self.epoch = 0
         self.step = 0
 
@@ -384,12 +564,15 @@ class Trainer:
                        seed=self.args.seed + 555, device=self.device, max_batches=self.args.calib_batches)
 
     def bn_batches(self):
-        return Batches(self.ds.train_x, self.ds.train_y, self.args.batch_size, shuffle=True,
-                       seed=self.args.seed + 777, device=self.device, max_batches=self.args.bn_batches)
+        return bn_batches(self.ds, self.args, self.device)
 
     def setup(self, model, config: QATConfig, calibrate: bool = True):
         self.config = config
-        self.model = oscqat.prepare(model, config, calib_data=self.calib_batches() if calibrate else None)
+        self.model = oscqat.prepare(model, config, calib_data=self.calib_batches() if calibrate else None,
+                                    verbose=False)
+        summary = getattr(self.model, "oscqat_summary", None)
+        if summary is not None and calibrate:
+            log(self.args, str(summary.short()))
         self.model.to(self.device)
         decay, no_decay, quant = split_params(self.model)
         self.opt_w = torch.optim.SGD([{"params": decay, "weight_decay": self.args.weight_decay},
@@ -397,12 +580,16 @@ class Trainer:
         self.opt_s = torch.optim.Adam(quant, lr=self.args.scale_lr) if quant else None
         self.lr_w = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_w, self.total)
         self.lr_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, self.total) if self.opt_s else None
+        # methods tr...: the tracked latent weights get the transition-adaptive LR instead of the cosine one
+        self.talr = oscqat.TransitionRateSchedule(self.model, self.opt_w, self.total, tr_start=self.args.tr_start,
+                                                  tr_end=self.args.tr_end) if config.transition else None
         self.sched = oscqat.QATSchedule(self.model, self.total, config)
 
     def state(self) -> dict:
         return {"format": CKPT_FORMAT, "model": self.model.state_dict(), "config": asdict(self.config),
                 "args": {k: v for k, v in vars(self.args).items() if k != "func"},
                 "schedule": self.sched.state_dict(), "opt_w": self.opt_w.state_dict(),
+                "talr": self.talr.state_dict() if getattr(self, "talr", None) else None,
                 "opt_s": self.opt_s.state_dict() if self.opt_s else None, "lr_w": self.lr_w.state_dict(),
                 "lr_s": self.lr_s.state_dict() if self.lr_s else None, "epoch": self.epoch, "step": self.step,
                 "rng": torch.get_rng_state(),
@@ -414,6 +601,8 @@ class Trainer:
     def load(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
         self.sched.load_state_dict(ck["schedule"])
+        if getattr(self, "talr", None) and ck.get("talr"):
+            self.talr.load_state_dict(ck["talr"])
         self.opt_w.load_state_dict(ck["opt_w"])
         if self.opt_s and ck["opt_s"]:
             self.opt_s.load_state_dict(ck["opt_s"])
@@ -431,11 +620,24 @@ class Trainer:
         torch.save(self.state(), tmp)
         os.replace(tmp, path)
 
+    def _record_integers(self, model: nn.Module) -> None:
+        rec = self.record
+        if rec.get("layers") is None:
+            tracked = [(n, m) for n, m in quant_layers(model) if m.weight_quant.freq is not None]
+            names = [n for n, m in tracked if is_depthwise(m)]
+            if not names and tracked:      # no depthwise layer: the one oscillating most now
+                names = [pick_depthwise(model)[0]]
+            rec.update(layers=names, start=self.step, ints={n: [] for n in names}, steps=[])
+        for n in rec["layers"]:
+            q = model.get_submodule(n).weight_quant
+            rec["ints"][n].append(q.prev_int.detach().flatten().to("cpu", torch.int8, copy=True))
+        rec["steps"].append(self.step)
+
     def train_epoch(self, epoch: int) -> dict:
         args, model = self.args, self.model
         model.train()
         self.train_data.set_epoch(epoch)
-        bar = Progress(self.steps_per_epoch, f"qat {epoch + 1}/{args.epochs}", args.quiet)
+        bar = Progress(self.steps_per_epoch, f"qat {epoch + 1}/{args.epochs}", args.quiet, args.log_every)
         every = max(1, self.steps_per_epoch // 20)
         rec_k = args.record_last
         tl = tc = tn = 0.0
@@ -456,17 +658,13 @@ class Trainer:
                 self.lr_s.step()
             f_th = self.sched.freeze_threshold
             self.sched.step()
+            if self.talr is not None:
+                self.talr.step()    # after lr_w.step(): it rewrites the TALR group's lr
             self.step += 1
-            # Fig. 2: a depthwise layer's integers (prev_int = w_eff of this step's tracked forward), last K steps
+            # Fig. 2: the integers of every tracked depthwise layer (prev_int = w_eff of this step's tracked
+            # forward) over the last K steps; the plot shows the layer that oscillates most at the end
             if rec_k > 0 and self.step > self.total - rec_k:
-                if self.record["layer"] is None:
-                    picked = pick_depthwise(model)
-                    if picked is not None:
-                        self.record.update(layer=picked[0], start=self.step)
-                if self.record["layer"] is not None:
-                    q = model.get_submodule(self.record["layer"]).weight_quant
-                    self.record["ints"].append(q.prev_int.detach().flatten().to("cpu", copy=True))
-                    self.record["steps"].append(self.step)
+                self._record_integers(model)
             tl += task.item() * len(y)
             tc += float((out.argmax(1) == y).sum())
             tn += len(y)
@@ -475,14 +673,19 @@ class Trainer:
                 for k, v in (("step", self.step), ("osc_pct", osc), ("frozen_pct", frz), ("loss", tl / tn),
                              ("lam", lam), ("f_th", f_th)):
                     self.history[k].append(v)
-            bar.update(loss=f"{tl / tn:.3f}", acc=f"{100 * tc / tn:.1f}", osc=f"{osc:.2f}%", frozen=f"{frz:.2f}%")
+                if self.talr is not None:
+                    for k, v in (("tr", float(self.talr.last_rate)), ("tr_target", self.talr.last_target),
+                                 ("talr_lr", float(self.talr.lr.flatten()[0]))):
+                        self.history.setdefault(k, []).append(v)
+            bar.update(loss=f"{tl / tn:.3f}", acc=f"{100 * tc / tn:.1f}%", osc=f"{osc:.2f}%", frozen=f"{frz:.2f}%")
         osc, frz = osc_stats(model)
         res = {"epoch": epoch + 1, "loss": tl / max(1, tn), "train_acc": 100 * tc / max(1, tn), "osc_pct": osc,
                "frozen_pct": frz}
         bar.close(loss=f"{res['loss']:.3f}", acc=f"{res['train_acc']:.1f}", osc=f"{osc:.2f}%", frozen=f"{frz:.2f}%")
         if bar.bar is None:
             log(args, f"qat epoch {epoch + 1}/{args.epochs}: loss {res['loss']:.4f} train acc "
-                      f"{res['train_acc']:.2f}% oscillating {osc:.3f}% frozen {frz:.3f}%")
+                      f"{res['train_acc']:.2f}% oscillating {osc:.3f}% frozen {frz:.3f}% "
+                      f"({time.time() - bar.t0:.0f} s)")
         return res
 
 
@@ -515,9 +718,26 @@ def load_checkpoint(path) -> dict:
     return ck
 
 
+def resolved_backend(device: torch.device) -> str:
+    """The kernel backend the current setting runs on `device`."""
+    return oscqat.get_backend(device.type)
+
+
+def _busy_cpu_note(args, device: torch.device) -> str | None:
+    """A warning when torch's several CPU threads will compete with other processes: on a 2-core machine with
+    one other busy process, 2 threads ran prepare 18x and QAT steps 5x slower than 1 thread."""
+    if args.threads or device.type != "cpu" or torch.get_num_threads() < 2 or not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    if load < 0.75:
+        return None
+    return (f"note: load average {load:.1f} on {os.cpu_count()} cores: other processes are running, and torch's "
+            f"{torch.get_num_threads()} threads then wait on each other (several times slower); --threads 1 avoids it")
+
+
 def run_training(args: argparse.Namespace) -> dict:
     """The whole `oscqat train` flow; returns the report (also written to OUT/report.json)."""
-    t0 = time.time()
+    t0 = _START[0] = time.time()
     resume = None
     if args.resume:
         resume = load_checkpoint(args.resume)
@@ -535,20 +755,29 @@ def run_training(args: argparse.Namespace) -> dict:
     config = qat_config(args)   # validates bits, method, schedule values
     with oscqat.use_backend(args.backend):
         timings: dict = {}
-        t = time.time()
-        ds = load_dataset(args.dataset, args.data_dir, subset=args.subset, test_subset=args.test_subset,
-                          image_size=args.image_size, seed=args.seed)
-        timings["data_s"] = time.time() - t
-        log(args, f"data: {ds.name}, {len(ds.train_y)} train / {len(ds.test_y)} test images "
-                  f"{ds.in_channels}x{ds.image_size[0]}x{ds.image_size[1]}, {ds.num_classes} classes; device "
-                  f"{device}")
+        with Phase(args, timings, "data_s", f"data: loading {args.dataset}"):
+            ds = load_dataset(args.dataset, args.data_dir, subset=args.subset, test_subset=args.test_subset,
+                              image_size=args.image_size, seed=args.seed)
+        if resume is not None and resume.get("dataset", {}).get("name") not in (None, ds.name):
+            raise ValueError(f"--resume {args.resume}: the run was on {resume['dataset']['name']}, but its "
+                             f"--dataset {args.dataset} now resolves to {ds.name}")
+        # from here on the dataset is the resolved one ('auto' is decided once, and a resume reloads the same)
+        args.dataset_requested = getattr(args, "dataset_requested", None) or args.dataset
+        args.dataset = ds.info["spec"]
+        if ds.name == "fashion-mnist":
+            args.data_dir = ds.info["path"]
+        log(args, f"data: {describe(ds.info)}, {ds.num_classes} classes; device {device}, "
+                  f"{torch.get_num_threads()} torch threads")
+        busy = _busy_cpu_note(args, device)
+        if busy:
+            log(args, busy)
         trainer = Trainer(args, ds, device)
         if resume is None:
             model, fp_info = fp_model(ds, args, device, timings)
             torch.manual_seed(args.seed + 1)
-            t = time.time()
-            trainer.setup(model, config, calibrate=True)
-            timings["prepare_s"] = time.time() - t
+            with Phase(args, timings, "prepare_s", f"prepare: quantizing the model, MSE range init of the "
+                                                   f"activations over {args.calib_batches} batches"):
+                trainer.setup(model, config, calibrate=True)
         else:
             fp_info = resume["fp"]
             timings = dict(resume["timings"])
@@ -560,6 +789,8 @@ def run_training(args: argparse.Namespace) -> dict:
         trainer.fp_info, trainer.timings = fp_info, timings
         model = trainer.model
         epochs_log = list(resume.get("epochs_log", [])) if resume else []
+        log(args, f"qat: {args.epochs} epochs x {trainer.steps_per_epoch} steps of {args.batch_size} images, "
+                  f"W{args.w_bits}A{args.a_bits}, method {args.method}")
         t = time.time()
         ckpt = out / CHECKPOINT
         for epoch in range(trainer.epoch, args.epochs):
@@ -577,39 +808,45 @@ def run_training(args: argparse.Namespace) -> dict:
                 log(args, f"stopped after epoch {trainer.epoch} (--stop-after-epoch); resume with "
                           f"`oscqat train --resume {ckpt}`")
                 return {"stopped_at_epoch": trainer.epoch, "checkpoint": str(ckpt)}
-        t = time.time()
-        acc_pre = evaluate(model, trainer.test_data)
-        timings["eval_s"] = time.time() - t
+        with Phase(args, timings, "eval_s", f"eval: quantized model on {len(ds.test_y)} test images"):
+            acc_pre = evaluate(model, trainer.test_data)
+        log(args, f"quantized test accuracy before BN re-estimation: {acc_pre:.2f}%")
         rep = oscqat.oscillation_report(model)
-        t = time.time()
         bn_model = copy.deepcopy(model)
-        oscqat.reestimate_bn(bn_model, trainer.bn_batches(), num_batches=args.bn_batches)
-        timings["bn_reestimate_s"] = time.time() - t
-        acc_post = evaluate(bn_model, trainer.test_data)
+        with Phase(args, timings, "bn_reestimate_s",
+                   f"BN re-estimation over {len(trainer.bn_batches())} training batches"):
+            oscqat.reestimate_bn(bn_model, trainer.bn_batches(), num_batches=args.bn_batches)
+        with Phase(args, timings, "eval_s", f"eval: quantized model after BN re-estimation"):
+            acc_post = evaluate(bn_model, trainer.test_data)
         torch.save({"model": bn_model.state_dict(), "config": asdict(config), "model_name": args.model,
-                    "num_classes": ds.num_classes, "in_channels": ds.in_channels}, out / "model_bn_reestimated.pt")
-        timings["total_s"] = time.time() - t0 + (resume["timings"].get("total_s", 0.0) if resume else 0.0)
+                    "num_classes": ds.num_classes, "in_channels": ds.in_channels, "dataset": ds.info},
+                   out / "model_bn_reestimated.pt")
         report = {
-            "fp_acc": fp_info["fp_acc"], "acc_pre_bn": acc_pre, "acc_post_bn": acc_post,
+            "dataset": ds.info, "fp_acc": fp_info["fp_acc"], "fp_acc_method": fp_info.get("fp_acc_method"),
+            "acc_pre_bn": acc_pre, "acc_post_bn": acc_post,
             "osc_pct": rep["total"]["osc_pct"], "osc_unfrozen_pct": rep["total"]["osc_unfrozen_pct"],
-            "frozen_pct": rep["total"]["frozen_pct"], "mean_freq": rep["total"]["mean_freq"], "osc_threshold": rep["threshold"],
-            "layers": rep["layers"], "epochs": epochs_log, "timings": timings,
+            "frozen_pct": rep["total"]["frozen_pct"], "mean_freq": rep["total"]["mean_freq"],
+            "osc_threshold": rep["threshold"], "layers": rep["layers"], "epochs": epochs_log, "timings": timings,
             "config": asdict(config), "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "dataset": ds.info | {"name": ds.name, "num_classes": ds.num_classes},
-            "fp": fp_info, "device": str(device), "backend": oscqat.backend.resolve(device.type),
-            "steps": trainer.step, "versions": versions(), "checkpoint": str(ckpt),
+            "fp": fp_info, "device": str(device), "threads": torch.get_num_threads(),
+            "backend": resolved_backend(device), "steps": trainer.step, "versions": versions(),
+            "checkpoint": str(ckpt),
         }
         if not args.no_plots:
             try:
-                from . import plots
-                report["plots"] = plots.write_all(model, trainer.history, trainer.record, out)
+                with Phase(args, timings, "plots_s", "plots"):
+                    from . import plots
+                    report["plots"] = plots.write_all(model, trainer.history, trainer.record, out)
             except ImportError as e:
                 report["plots"] = {}
                 log(args, f"plots skipped: {e}")
+        timings["total_s"] = time.time() - t0 + (resume["timings"].get("total_s", 0.0) if resume else 0.0)
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        log(args, oscqat.format_report(rep))
-        log(args, f"fp acc {fp_info['fp_acc']:.2f}%  QAT acc pre-BN {acc_pre:.2f}%  post-BN {acc_post:.2f}%  "
-                  f"oscillating {report['osc_pct']:.3f}%  frozen {report['frozen_pct']:.3f}%  -> {out}")
+        log(args, "oscillation report:\n" + oscqat.format_report(rep))
+        log(args, f"{ds.name}: fp acc {fp_info['fp_acc']:.2f}% ({fp_info.get('fp_acc_method', '?')}); "
+                  f"W{args.w_bits}A{args.a_bits} {args.method}: QAT acc pre-BN {acc_pre:.2f}%  post-BN "
+                  f"{acc_post:.2f}%  oscillating {report['osc_pct']:.3f}%  frozen {report['frozen_pct']:.3f}%  "
+                  f"total {timings['total_s']:.0f} s -> {out}")
         return report
 
 
