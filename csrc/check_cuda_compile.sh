@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA sources where the build cannot compile them (torch without CUDA, e.g. CI and the
-# development machines): nvcc -c, nothing is linked or run.
+# Compile check of the CUDA sources with nvcc alone (nvcc -c, nothing is linked or run): every kernel
+# instantiation, and also where the build does not compile them (a CPU-only torch, OSCQAT_NO_CUDA, an nvcc whose
+# major version differs from torch's CUDA).
 #   1. csrc/cuda/check_kernels.cu: every kernel of quant_kernels.cuh, every dtype combination; needs only the
 #      CUDA toolkit.
 #   2. csrc/cuda/quant_cuda.cu: the ATen glue, against the installed torch's headers. A CPU-only torch wheel

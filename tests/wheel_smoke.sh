@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheel smoke test: build the wheel against the installed torch (--no-build-isolation), install it into a fresh
-# venv that reuses this interpreter's site-packages (--system-site-packages: torch is not downloaded again), and
-# check, from outside the source tree, that oscqat imports from the venv, that oscqat._C loaded and registered
-# its ops, and that one `cpp` op gives the reference's bits.
+# venv that reuses this interpreter's packages (torch is not downloaded again), and check, from outside the
+# source tree, that oscqat imports from the venv, that oscqat._C loaded and registered its ops, and that one
+# `cpp` op gives the reference's bits. Works from a plain interpreter and from inside a virtualenv.
 # Usage: bash tests/wheel_smoke.sh      (PYTHON=... to pick the interpreter; exit status 0 = ok)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,17 @@ echo "wheel_smoke: building the wheel"
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$tmp/dist" .
 wheel=$(ls "$tmp"/dist/oscqat-*.whl)
 echo "wheel_smoke: $(basename "$wheel")"
+# --system-site-packages reaches the *base* interpreter's packages, which is not enough where $PY itself runs in
+# a virtualenv (CI inside a venv): a .pth file appends $PY's own site directories too, after the venv's own
+# (oscqat comes from the wheel) and without running their .pth files (an editable oscqat stays out).
 "$PY" -m venv --system-site-packages "$tmp/venv"
-"$tmp/venv/bin/python" -m pip install -q --no-deps --no-index "$wheel"
+inner_site=$("$tmp/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+"$PY" - >"$inner_site/_wheel_smoke_outer.pth" <<'PYEOF'
+import os, site
+dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+print("\n".join(d for d in dirs if os.path.isdir(d)))
+PYEOF
+"$tmp/venv/bin/python" -m pip install -q --no-deps --no-index --ignore-installed "$wheel"
 
 cd "$tmp"
 "$tmp/venv/bin/python" - <<'PYEOF'
@@ -49,5 +58,7 @@ for impl in (cpp_backend, ref):
 for a, b in zip(*outs):
     assert a.dtype == b.dtype and torch.equal(a, b), "cpp and reference differ"
 so = os.path.basename(oscqat._C.__file__)
-print(f"wheel_smoke: ok (oscqat {oscqat.__version__} from {os.path.dirname(here)}, {so})")
+kernels = "CPU+CUDA" if torch._C._dispatch_has_kernel_for_dispatch_key("oscqat_C::weight_fwd", "CUDA") else "CPU"
+print(f"wheel_smoke: ok (oscqat {oscqat.__version__} from {os.path.dirname(here)}, {so}, {kernels} kernels, "
+      f"torch {torch.__version__} from {os.path.dirname(torch.__file__)})")
 PYEOF
