@@ -44,8 +44,9 @@ def _round_half_even(x):
     odd = tl.floor(h) != h
     up = (d > 0.5) | ((d == 0.5) & odd)
     r = tl.where(up, f + 1.0, f)
-    # x in [-0.5, 0): floor is -1 and -1 + 1 = +0.0, but torch.round gives -0.0
-    return tl.where(up & (f == -1.0), -0.0, r)
+    # x in [-0.5, 0): floor is -1 and -1 + 1 = +0.0, but torch.round gives -0.0. x * 0.0 is that -0.0 (x < 0);
+    # a -0.0 literal is not: triton 3.8 folds it to +0.0.
+    return tl.where(up & (f == -1.0), x * 0.0, r)
 
 
 @_device

@@ -87,7 +87,9 @@ def nonfinite_message(q: nn.Module, what: str, tensors=()) -> str:
         n_bad = int((~torch.isfinite(t.detach())).sum())
         if n_bad:
             kinds = sorted({"NaN" if torch.isnan(t).any() else "", "Inf" if torch.isinf(t).any() else ""} - {""})
-            details.append(f"{name} has {n_bad} {'/'.join(kinds)} value(s) of {t.numel()}")
+            cause = (" (a non-finite gradient reached it in the last optimizer step: gradients overflowed; lower "
+                     "the learning rate or clip gradients)") if isinstance(t, nn.Parameter) else ""
+            details.append(f"{name} has {n_bad} {'/'.join(kinds)} value(s) of {t.numel()}{cause}")
     what_txt = "; ".join(details) or f"the sum of its {what.replace('/', ', ')} exceeds fp32's range"
     return (f"{q.layer_name}: {what_txt} (the first quantized layer, in forward order, where a non-finite value "
             f"appeared)")
