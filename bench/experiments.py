@@ -6,7 +6,7 @@ Every table cell is one run = one function call `run_one(model, setting, method,
 (bench/results/experiments/runs/MODEL_SETTING_METHOD_seedS.json) when it finishes, so partial results survive;
 `merge` builds results_tables.md (mean ± std over the seeds on disk, n shown) and the plots from those files.
 
-    python bench/experiments.py run --plan a b c d       # every planned run not yet on disk, in priority order
+    python bench/experiments.py run --plan a c d studies  # every planned run not yet on disk, in this order
     python bench/experiments.py one --model small-mobilenet --setting W3A32 --method lsq --seed 0
     python bench/experiments.py merge                     # tables + plots from runs/*.json
 
@@ -89,8 +89,12 @@ PLANS = {
     "bits": [("small-mobilenet", "W2A32", "lsq", (0, 1, 2)), ("small-resnet", "W2A32", "lsq", (0, 1, 2))],
     # BatchNorm momentum during QAT (0.1 = PyTorch default used everywhere else; 0.01 averages the running
     # statistics over ~100 steps, i.e. over many oscillation periods):
-    "bnmom": [("small-mobilenet", "W3A32", "lsq", (0, 1, 2), {"bn_momentum": 0.01}, "bnmom0.01"),
-              ("small-resnet", "W3A32", "lsq", (0, 1, 2), {"bn_momentum": 0.01}, "bnmom0.01")],
+    "bnmom": [("small-mobilenet", "W3A32", "lsq", (0, 1, 2), {"bn_momentum": 0.01, "lr_schedule": "constant"},
+               "constlr-bnmom0.01"),
+              ("small-resnet", "W3A32", "lsq", (0, 1, 2), {"bn_momentum": 0.01, "lr_schedule": "constant"},
+               "constlr-bnmom0.01")],
+    "bits-constlr": [(m, st, "lsq", (0, 1, 2), {"lr_schedule": "constant"}, "constlr")
+                     for st in ("W4A32", "W2A32") for m in ("small-mobilenet", "small-resnet")],
     # per-channel range spread of the depthwise weights (function-preserving, see spread_depthwise)
     "spread": [("small-mobilenet", "W3A32", "lsq", (0, 1, 2), {"dw_spread": 30.0}, "spread30"),
                ("small-mobilenet", "W3A32", "freeze-cos", (0,), {"dw_spread": 30.0}, "spread30"),
@@ -110,6 +114,29 @@ PLANS = {
            ("small-mobilenet", "W4A32", "lsq", (0,)), ("small-resnet", "W4A32", "lsq", (0,)),
            *[("small-mobilenet", st, m, (0,)) for st in ("W4A4", "W3A3") for m in ("lsq", "freeze-cos", "dampen-cos",
                                                                                    "tr")]],
+    "p4": [("small-mobilenet", "W3A32", "dampen-cos", (1,)), ("small-mobilenet", "W3A32", "freeze-const", (0,)),
+           ("small-mobilenet", "W3A32", "dampen-const", (0,)),
+           *[("small-mobilenet", "W3A32", m, (0,), {"dw_spread": 30.0, "lr_schedule": "constant"}, "spread30-constlr")
+             for m in ("freeze-cos", "dampen-cos")],
+           ("small-mobilenet", "W3A32", "lsq", (1,), {"dw_spread": 30.0, "lr_schedule": "constant"},
+            "spread30-constlr"),
+           ("small-mobilenet", "W4A32", "lsq", (0,)), ("small-resnet", "W4A32", "lsq", (0,)),
+           *[("small-mobilenet", st, m, (0,)) for st in ("W3A3", "W4A4") for m in ("lsq", "freeze-cos", "dampen-cos",
+                                                                                   "tr")]],
+    "p5": [("small-mobilenet", "W3A32", "dampen-const", (0,)),
+           *[("small-mobilenet", "W3A3", m, (0,)) for m in ("lsq", "freeze-cos", "dampen-cos", "tr")],
+           *[("small-mobilenet", "W3A32", m, (0,), {"dw_spread": 30.0, "lr_schedule": "constant"}, "spread30-constlr")
+             for m in ("freeze-cos", "dampen-cos")],
+           ("small-mobilenet", "W4A32", "lsq", (0,)), ("small-resnet", "W4A32", "lsq", (0,)),
+           *[("small-mobilenet", "W4A4", m, (0,)) for m in ("lsq", "freeze-cos", "dampen-cos", "tr")]],
+    # the rest of the controlled studies (3 seeds per cell)
+    "studies": [*[("small-mobilenet", "W3A32", m, (0, 1, 2), {"lr_schedule": "constant"}, "constlr")
+                  for m in ("freeze-cos", "dampen-cos")],
+                *[("small-mobilenet", "W3A32", m, (0, 1, 2), {"dw_spread": 30.0, "lr_schedule": "constant"},
+                   "spread30-constlr") for m in ("lsq", "freeze-cos", "dampen-cos")],
+                ("small-resnet", "W3A32", "lsq", (0, 1, 2), {"lr_schedule": "constant"}, "constlr"),
+                *[("small-mobilenet", "W3A32", m, (1, 2), {"dw_spread": 30.0}, "spread30")
+                  for m in ("freeze-cos", "dampen-cos")]],
     # the LR at the end of training: constant weight LR (no cosine decay) keeps weights moving to the last step
     "constlr": [("small-mobilenet", "W3A32", "lsq", (0, 1, 2), {"lr_schedule": "constant"}, "constlr"),
                 ("small-resnet", "W3A32", "lsq", (0, 1, 2), {"lr_schedule": "constant"}, "constlr")],
@@ -449,9 +476,14 @@ def mean(vals):
     return statistics.fmean(vals) if vals else float("nan")
 
 
+STEM_BN = {"features.0.1", "1"}   # the BN after the 8-bit first conv (not tracked): left out of the aggregates
+
+
 def kind_kl(r, kind, key="kl"):
-    v = [x[key] for x in r["bn_kl"] if x["kind"] == kind]
-    return statistics.fmean(v) if v else None
+    v = [x[key] for x in r["bn_kl"] if x["kind"] == kind and x["bn"] not in STEM_BN]
+    if not v:
+        return None
+    return max(v) if key == "kl_max" else statistics.fmean(v)
 
 
 def conv_of(bn_name: str) -> str:
@@ -495,8 +527,8 @@ def tables(runs) -> list[str]:
         for kind in ("depthwise", "pointwise", "conv"):
             if kind_kl(rs[0], kind) is None:
                 continue
-            fans = sorted({x["fan_in"] for x in rs[0]["bn_kl"] if x["kind"] == kind})
-            mx = [max(x["kl_max"] for x in r["bn_kl"] if x["kind"] == kind) for r in rs]
+            fans = sorted({x["fan_in"] for x in rs[0]["bn_kl"] if x["kind"] == kind and x["bn"] not in STEM_BN})
+            mx = [kind_kl(r, kind, "kl_max") for r in rs]
             osc = [mean([l["osc_pct"] for l in r["layers"] if l["kind"] == kind]) for r in rs]
             L.append(f"| {m} | {kind} | {fans[0]}–{fans[-1]} | {ms([kind_kl(r, kind) for r in rs], '{:.4f}')} | "
                      f"{ms(mx, '{:.3f}')} | {ms(osc, '{:.2f}')} | {len(rs)} | {paper_t1[kind]} |")
@@ -551,22 +583,25 @@ def tables(runs) -> list[str]:
     if extra:
         extra += [r for r in runs if r["setting"] == "W3A32" and r["method"] == "lsq"]
         L += ["", "## Controlled studies (tagged runs)", "",
-              "| tag | net | setting | method | pre-BN | post-BN | post − pre | osc. % | 3x3-layer KL | pw KL | n |",
+              "| tag | net | setting | method | pre-BN | post-BN | post − pre | osc. % | 3x3-layer KL mean / max | "
+              "pw KL mean / max | n |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["tag"], r["model"], r["setting"], r["method"]) for r in extra})
         for tag, m, st, meth in keys:
             rs = [r for r in extra if (r["tag"], r["model"], r["setting"], r["method"]) == (tag, m, st, meth)]
             L.append(f"| {tag} | {m} | {st} | {meth} | {ms([r['acc_pre_bn'] for r in rs])} | "
                      f"{ms([r['acc_post_bn'] for r in rs])} | {ms([r['acc_post_bn'] - r['acc_pre_bn'] for r in rs])} | "
-                     f"{ms([r['osc_pct'] for r in rs])} | {ms([kl3(r) for r in rs], '{:.4f}')} | "
-                     f"{ms([kind_kl(r, 'pointwise') for r in rs], '{:.4f}')} | {len(rs)} |")
+                     f"{ms([r['osc_pct'] for r in rs])} | {ms([kl3(r) for r in rs], '{:.4f}')} / "
+                     f"{ms([kl3(r, 'kl_max') for r in rs], '{:.3f}')} | "
+                     f"{ms([kind_kl(r, 'pointwise') for r in rs], '{:.4f}')} / "
+                     f"{ms([kind_kl(r, 'pointwise', 'kl_max') for r in rs], '{:.3f}')} | {len(rs)} |")
     return L
 
 
-def kl3(r):
-    """Mean BN KL of the 3x3 layers (depthwise, grouped or full conv, whichever the net has)."""
+def kl3(r, key="kl"):
+    """BN KL of the 3x3 layers (depthwise, grouped or full conv, whichever the net has)."""
     for kind in ("depthwise", "grouped", "conv"):
-        v = kind_kl(r, kind)
+        v = kind_kl(r, kind, key)
         if v is not None and kind != "conv" or (kind == "conv" and v is not None and r["model"] == "small-resnet"):
             return v
     return None
@@ -646,107 +681,150 @@ def plots(runs) -> list[str]:
         fig.savefig(OUT / "fig3_grid_distance.png", dpi=110)
         plt.close(fig)
         made.append("fig3_grid_distance.png")
-    # Table 1: BN KL per layer
+    # Table 1: BN KL per layer, default protocol and the constant-LR / range-spread studies
+    allr = load_runs_all()
+    regimes = (("", "cosine LR (default)", "o", "-"), ("constlr", "constant LR", "^", "--"),
+               ("spread30-constlr", "constant LR + dw range spread 30x", "*", ":"))
     nets = [m for m in ("small-mobilenet", "small-resnet") if sel(runs, model=m, setting="W3A32", method="lsq")]
     if nets:
-        fig, axes = plt.subplots(1, len(nets), figsize=(7 * len(nets), 4), squeeze=False,
-                                 gridspec_kw={"width_ratios": [2.2, 1][:len(nets)]})
+        fig, axes = plt.subplots(1, len(nets), figsize=(7.5 * len(nets), 4.4), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1.6, 1][:len(nets)]})
         for ax, m in zip(axes[0], nets):
-            rs = sel(runs, model=m, setting="W3A32", method="lsq")
-            x0 = rs[0]["bn_kl"]
-            vals = [mean([r["bn_kl"][i]["kl"] for r in rs]) for i in range(len(x0))]
-            cols = [KIND_COLORS[x["kind"]] for x in x0]
-            ax.bar(range(len(vals)), vals, color=cols)
+            x0 = None
+            for tag, label, mk, ls in regimes:
+                rs = [r for r in allr if r["model"] == m and r["setting"] == "W3A32" and r["method"] == "lsq"
+                      and r.get("tag", "") == tag]
+                if not rs:
+                    continue
+                x0 = rs[0]["bn_kl"]
+                idx = [i for i, x in enumerate(x0) if x["bn"] not in STEM_BN]
+                vals = [mean([r["bn_kl"][i]["kl"] for r in rs]) for i in idx]
+                ax.plot(range(len(idx)), vals, color="0.6", ls=ls, lw=0.8)
+                ax.scatter(range(len(idx)), vals, c=[KIND_COLORS[x0[i]["kind"]] for i in idx], marker=mk,
+                           s=40 if mk == "*" else 22, zorder=3)
+                ax.plot([], [], color="0.4", ls=ls, marker=mk, label=f"{label} (n={len(rs)})")
+            idx = [i for i, x in enumerate(x0) if x["bn"] not in STEM_BN]
             ax.set_yscale("log")
-            ax.set_xticks(range(len(vals)))
-            ax.set_xticklabels([x["bn"].replace("features.", "f").replace(".conv.", ".") for x in x0], rotation=90,
-                               fontsize=6)
+            ax.set_xticks(range(len(idx)))
+            ax.set_xticklabels([x0[i]["bn"].replace("features.", "f").replace(".conv.", ".") for i in idx],
+                               rotation=90, fontsize=6)
+            for t, i in zip(ax.get_xticklabels(), idx):
+                t.set_color(KIND_COLORS[x0[i]["kind"]])
             for kind, c in KIND_COLORS.items():
-                if any(x["kind"] == kind for x in x0):
-                    ax.bar([0], [0], color=c, label=kind)
-            ax.legend(fontsize=8)
-            ax.set_ylabel("mean KL over channels (log)")
-            ax.set_title(f"{m}, W3 LSQ, n={len(rs)}: KL(population ‖ running BN stats) per BN layer", fontsize=9)
+                if any(x0[i]["kind"] == kind for i in idx):
+                    ax.scatter([], [], color=c, label=kind)
+            ax.legend(fontsize=7)
+            ax.set_ylabel("KL(population || running), mean over channels")
+            ax.set_title(f"{m}, weights 3 bit, LSQ: BN statistics error per BN layer", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         fig.savefig(OUT / "table1_bn_kl.png", dpi=110)
         plt.close(fig)
         made.append("table1_bn_kl.png")
     # weights per output channel vs BN KL and oscillations, per layer (both nets, W3 LSQ)
-    nets = [m for m in ("small-mobilenet", "small-resnet", *M.STUDY_VARIANTS)
-            if sel(runs_all_w3(), model=m)]
+    allr = load_runs_all()
+    pick = lambda m, tag: [r for r in allr if r["model"] == m and r["setting"] == "W3A32"  # noqa: E731
+                           and r["method"] == "lsq" and r.get("tag", "") == tag]
+    nets = [m for m in ("small-mobilenet", "small-resnet", *M.STUDY_VARIANTS) if pick(m, "")]
     if nets:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         marks = {"small-mobilenet": "o", "small-resnet": "s", "small-mobilenet-k5": "^", "small-mobilenet-g8": "D"}
+        present = set()
         for m in nets:
-            rs = sel(runs_all_w3(), model=m)
-            for i, x in enumerate(rs[0]["bn_kl"]):
-                kl = mean([r["bn_kl"][i]["kl"] for r in rs])
-                axes[0].scatter(x["fan_in"], kl, color=KIND_COLORS[x["kind"]], marker=marks[m], s=22, alpha=0.8)
-            for j, l in enumerate(rs[0]["layers"]):
-                o = mean([r["layers"][j]["osc_pct"] for r in rs])
-                axes[1].scatter(l["fan_in"], max(o, 1e-3), color=KIND_COLORS[l["kind"]], marker=marks[m], s=22,
-                                alpha=0.8)
-        for ax, yl in zip(axes, ("BN KL (mean over channels)", "% weights with f > 0.005 (floor 1e-3)")):
+            for tag, filled in (("", False), ("constlr", True)):
+                rs = pick(m, tag)
+                if not rs:
+                    continue
+                for i, x in enumerate(rs[0]["bn_kl"]):
+                    if x["bn"] in STEM_BN:
+                        continue
+                    present.add(x["kind"])
+                    c = KIND_COLORS[x["kind"]]
+                    axes[0].scatter(x["fan_in"], mean([r["bn_kl"][i]["kl"] for r in rs]), marker=marks[m], s=24,
+                                    facecolors=c if filled else "none", edgecolors=c)
+                for j, l in enumerate(rs[0]["layers"]):
+                    c = KIND_COLORS[l["kind"]]
+                    o = mean([r["layers"][j]["osc_pct"] for r in rs])
+                    axes[1].scatter(l["fan_in"], max(o, 1e-3), marker=marks[m], s=24,
+                                    facecolors=c if filled else "none", edgecolors=c)
+        for ax, yl in zip(axes, ("BN KL (mean over channels)", "% weights with f > 0.005")):
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("weights per output channel (fan-in)")
             ax.set_ylabel(yl)
             ax.grid(alpha=0.3)
-        present = {x["kind"] for m in nets for x in sel(runs_all_w3(), model=m)[0]["bn_kl"]}
         for kind, c in KIND_COLORS.items():
             if kind in present:
-                axes[0].scatter([], [], color=c, label=kind)
+                axes[1].scatter([], [], color=c, label=kind)
         for m in nets:
-            axes[0].scatter([], [], color="k", marker=marks[m], label=m)
-        axes[0].legend(fontsize=7)
-        fig.suptitle("Per layer, weights 3 bit, LSQ, mean over seeds: BN statistics error and oscillations vs "
-                     "weights per output channel", fontsize=10)
+            axes[1].scatter([], [], color="k", marker=marks[m], label=m)
+        axes[1].scatter([], [], facecolors="none", edgecolors="k", label="cosine LR (default)")
+        axes[1].scatter([], [], color="k", label="constant LR")
+        axes[1].legend(fontsize=7, ncol=2, loc="lower left")
+        fig.suptitle("Per layer (4-bit-or-less layers), weights 3 bit, LSQ, mean over seeds: BN statistics error and "
+                     "oscillating weights vs weights per output channel", fontsize=9)
         fig.tight_layout()
         fig.savefig(OUT / "fanin_kl_osc.png", dpi=110)
         plt.close(fig)
         made.append("fanin_kl_osc.png")
-    # Table 2: pre/post BN bars
-    rows = [(m, st) for m in ("small-mobilenet", "small-resnet") for st in ("W4A32", "W3A32", "W2A32")
-            if sel(runs, model=m, setting=st, method="lsq")]
-    if rows:
-        fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
-        for i, (m, st) in enumerate(rows):
-            rs = sel(runs, model=m, setting=st, method="lsq")
+    # Table 2: pre/post BN bars, default protocol and the studies where oscillations persist
+    allr = load_runs_all()
+    groups = []
+    for m in ("small-mobilenet", "small-resnet"):
+        for st in ("W4A32", "W3A32", "W2A32"):
+            for tag, lab in (("", "cosine LR"), ("constlr", "const. LR"), ("spread30-constlr", "const. LR\n+ range spread")):
+                rs = [r for r in allr if r["model"] == m and r["setting"] == st and r["method"] == "lsq"
+                      and r.get("tag", "") == tag]
+                if rs:
+                    groups.append((f"{m.replace('small-', '')} {st[:2]}\n{lab}", rs))
+    if groups:
+        fig, ax = plt.subplots(figsize=(1.5 * len(groups) + 2, 4.2))
+        for i, (lab, rs) in enumerate(groups):
             for j, (key, c) in enumerate((("acc_pre_bn", "tab:orange"), ("acc_post_bn", "tab:blue"))):
                 v = [r[key] for r in rs]
                 ax.bar(i + (j - 0.5) * 0.38, mean(v), 0.36, yerr=statistics.stdev(v) if len(v) > 1 else 0,
-                       color=c, capsize=3, label=("pre-BN" if j == 0 else "post-BN") if i == 0 else None)
+                       color=c, capsize=3, label=("pre-BN" if j == 0 else "post-BN re-estimation") if i == 0 else None)
                 ax.scatter([i + (j - 0.5) * 0.38] * len(v), v, color="k", s=8, zorder=3)
-        ax.axhline(sel(runs, model="small-mobilenet")[0]["fp_acc"], color="tab:red", ls="--", lw=0.8,
-                   label="FP small-mobilenet")
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"{m.replace('small-', '')}\n{st[:2]}" for m, st in rows])
-        lo = min(min(r["acc_pre_bn"] for r in sel(runs, model=m, setting=st, method="lsq")) for m, st in rows)
-        ax.set_ylim(max(0, lo - 3), 95)
+            gap = mean([r["acc_post_bn"] - r["acc_pre_bn"] for r in rs])
+            ax.text(i, max(mean([r["acc_post_bn"] for r in rs]), mean([r["acc_pre_bn"] for r in rs])) + 0.3,
+                    f"{gap:+.2f}\nn={len(rs)}", ha="center", fontsize=7)
+        for m, ls in (("small-mobilenet", "--"), ("small-resnet", ":")):
+            fp = [r["fp_acc"] for r in allr if r["model"] == m]
+            if fp:
+                ax.axhline(fp[0], color="tab:red", ls=ls, lw=0.8, label=f"FP {m}")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([g[0] for g in groups], fontsize=7)
+        lo = min(min(r["acc_pre_bn"] for r in rs) for _, rs in groups)
+        ax.set_ylim(max(0, lo - 1.5), 93.5)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Table 2 analogue: LSQ weight-only, before / after BN re-estimation (dots: seeds)", fontsize=9)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.set_title("Table 2 analogue: LSQ weight-only, before / after BN re-estimation (dots: seeds; text: gain)",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         fig.savefig(OUT / "table2_bn_reestimation.png", dpi=110)
         plt.close(fig)
         made.append("table2_bn_reestimation.png")
-    # oscillation history
+    # oscillation history, cosine LR (solid) and constant LR (dashed)
+    allr = load_runs_all()
     meths = [m for m in METHODS if sel(runs, model="small-mobilenet", setting="W3A32", method=m)]
     if meths:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(10, 4.2))
         for i, meth in enumerate(meths):
-            rs = sel(runs, model="small-mobilenet", setting="W3A32", method=meth)
-            st = rs[0]["history"]["step"]
-            v = [mean([r["history"]["osc_pct"][k] for r in rs if len(r["history"]["osc_pct"]) > k])
-                 for k in range(len(st))]
-            ax.plot(st, v, label=f"{meth} (n={len(rs)})", color=f"C{i}")
+            for tag, ls, lab in (("", "-", "cosine LR"), ("constlr", "--", "constant LR")):
+                rs = [r for r in allr if r["model"] == "small-mobilenet" and r["setting"] == "W3A32"
+                      and r["method"] == meth and r.get("tag", "") == tag]
+                if not rs:
+                    continue
+                st = rs[0]["history"]["step"]
+                v = [mean([r["history"]["osc_pct"][k] for r in rs if len(r["history"]["osc_pct"]) > k])
+                     for k in range(len(st))]
+                ax.plot(st, v, ls=ls, label=f"{meth}, {lab} (n={len(rs)})", color=f"C{i}")
         ax.set_xlabel("QAT step")
         ax.set_ylabel("% tracked weights with f > 0.005")
         ax.set_title("small-mobilenet W3: oscillating weights during QAT (warm-up ends at step 375)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(OUT / "oscillation_history.png", dpi=110)
         plt.close(fig)
@@ -771,7 +849,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--plan", nargs="+", default=["q1", "q2"], choices=list(PLANS))
+    r.add_argument("--plan", nargs="+", default=["a", "c", "d"], choices=list(PLANS),
+                   help="a: Table 2; c: Tables 4/5; d: Table 6; studies / bits / bits-constlr / bnmom / wpc: controlled "
+                        "studies; q*/p*: the orders used on the shared CPU (results.md)")
     r.add_argument("--max-seeds", type=int, default=3, help="only seeds < this (fewer seeds for a quick pass)")
     r.add_argument("--stop-at", default=None, help="UTC HH:MM: start no run after this time")
     r.add_argument("--est-run-s", type=float, default=0, help="with --stop-at: skip a run that would end after it")
