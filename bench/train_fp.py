@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import oscqat  # noqa: E402
 from oscqat.app.data import Batches, load_dataset  # noqa: E402
-from oscqat.app.train import build_model, evaluate, split_params  # noqa: E402
+from oscqat.app.train import evaluate, split_params  # noqa: E402
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:

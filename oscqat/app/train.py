@@ -816,7 +816,7 @@ def run_training(args: argparse.Namespace) -> dict:
         with Phase(args, timings, "bn_reestimate_s",
                    f"BN re-estimation over {len(trainer.bn_batches())} training batches"):
             oscqat.reestimate_bn(bn_model, trainer.bn_batches(), num_batches=args.bn_batches)
-        with Phase(args, timings, "eval_s", f"eval: quantized model after BN re-estimation"):
+        with Phase(args, timings, "eval_s", "eval: quantized model after BN re-estimation"):
             acc_post = evaluate(bn_model, trainer.test_data)
         torch.save({"model": bn_model.state_dict(), "config": asdict(config), "model_name": args.model,
                     "num_classes": ds.num_classes, "in_channels": ds.in_channels, "dataset": ds.info},
