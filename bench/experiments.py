@@ -619,6 +619,13 @@ def plots(runs) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     made = []
+    allr = load_runs_all()
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(OUT / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
     # Fig. 2: integer traces of the most-changing weights of a depthwise layer, one panel per weight
     meths = [m for m in ("lsq", "dampen-cos", "freeze-cos") if sel(runs, model="small-mobilenet", setting="W3A32",
                                                                    method=m, seed=0)]
@@ -649,10 +656,7 @@ def plots(runs) -> list[str]:
         axes[0][0].legend(fontsize=7, loc="upper right")
         fig.suptitle("Fig. 2 analogue: the 4 most-switching weights of the most-oscillating depthwise layer\n"
                      "over the last steps (small-mobilenet W3, seed 0; dotted: decision thresholds)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(OUT / "fig2_integer_traces.png", dpi=110)
-        plt.close(fig)
-        made.append("fig2_integer_traces.png")
+        save(fig, "fig2_integer_traces.png")
     # Fig. 3: distance to grid, depthwise and pointwise, before/after the remedies
     meths = [m for m in ("lsq", "dampen-cos", "freeze-cos", "dampen-const", "freeze-const")
              if sel(runs, model="small-mobilenet", setting="W3A32", method=m)]
@@ -676,12 +680,8 @@ def plots(runs) -> list[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.suptitle("Fig. 3 analogue: small-mobilenet W3, end of training, non-frozen in-range weights", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(OUT / "fig3_grid_distance.png", dpi=110)
-        plt.close(fig)
-        made.append("fig3_grid_distance.png")
+        save(fig, "fig3_grid_distance.png")
     # Table 1: BN KL per layer, default protocol and the constant-LR / range-spread studies
-    allr = load_runs_all()
     regimes = (("", "cosine LR (default)", "o", "-"), ("constlr", "constant LR", "^", "--"),
                ("spread30-constlr", "constant LR + dw range spread 30x", "*", ":"))
     nets = [m for m in ("small-mobilenet", "small-resnet") if sel(runs, model=m, setting="W3A32", method="lsq")]
@@ -716,12 +716,8 @@ def plots(runs) -> list[str]:
             ax.set_ylabel("KL(population || running), mean over channels")
             ax.set_title(f"{m}, weights 3 bit, LSQ: BN statistics error per BN layer", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        fig.savefig(OUT / "table1_bn_kl.png", dpi=110)
-        plt.close(fig)
-        made.append("table1_bn_kl.png")
+        save(fig, "table1_bn_kl.png")
     # weights per output channel vs BN KL and oscillations, per layer (both nets, W3 LSQ)
-    allr = load_runs_all()
     pick = lambda m, tag: [r for r in allr if r["model"] == m and r["setting"] == "W3A32"  # noqa: E731
                            and r["method"] == "lsq" and r.get("tag", "") == tag]
     nets = [m for m in ("small-mobilenet", "small-resnet", *M.STUDY_VARIANTS) if pick(m, "")]
@@ -762,12 +758,8 @@ def plots(runs) -> list[str]:
         axes[1].legend(fontsize=7, ncol=2, loc="lower left")
         fig.suptitle("Per layer (4-bit-or-less layers), weights 3 bit, LSQ, mean over seeds: BN statistics error and "
                      "oscillating weights vs weights per output channel", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(OUT / "fanin_kl_osc.png", dpi=110)
-        plt.close(fig)
-        made.append("fanin_kl_osc.png")
+        save(fig, "fanin_kl_osc.png")
     # Table 2: pre/post BN bars, default protocol and the studies where oscillations persist
-    allr = load_runs_all()
     groups = []
     for m in ("small-mobilenet", "small-resnet"):
         for st in ("W4A32", "W3A32", "W2A32"):
@@ -800,12 +792,8 @@ def plots(runs) -> list[str]:
                      fontsize=9)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        fig.savefig(OUT / "table2_bn_reestimation.png", dpi=110)
-        plt.close(fig)
-        made.append("table2_bn_reestimation.png")
+        save(fig, "table2_bn_reestimation.png")
     # oscillation history, cosine LR (solid) and constant LR (dashed)
-    allr = load_runs_all()
     meths = [m for m in METHODS if sel(runs, model="small-mobilenet", setting="W3A32", method=m)]
     if meths:
         fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -824,21 +812,19 @@ def plots(runs) -> list[str]:
         ax.set_title("small-mobilenet W3: oscillating weights during QAT (warm-up ends at step 375)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        fig.savefig(OUT / "oscillation_history.png", dpi=110)
-        plt.close(fig)
-        made.append("oscillation_history.png")
+        save(fig, "oscillation_history.png")
     return made
 
 
 def merge() -> None:
-    runs = [r for r in load_runs_all() if not r.get("tag")]
+    allr = load_runs_all()
+    runs = [r for r in allr if not r.get("tag")]
     L = ["<!-- generated by `python bench/experiments.py merge` from runs/*.json; do not edit -->", ""]
     L += tables(runs)
     made = plots(runs)
     L += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in made), "",
-          f"Runs on disk: {len(runs)} (+ {len(load_runs_all()) - len(runs)} tagged); total training wall time "
-          f"{sum(r['wall_s'] for r in load_runs_all()) / 60:.0f} min on one shared CPU core."]
+          f"Runs on disk: {len(runs)} (+ {len(allr) - len(runs)} tagged); total training wall time "
+          f"{sum(r['wall_s'] for r in allr) / 60:.0f} min on one shared CPU core."]
     (OUT / "results_tables.md").write_text("\n".join(L) + "\n")
     print("\n".join(L))
 
