@@ -9,6 +9,12 @@ INITS = ("mse", "lsq", "minmax")
 DAMP_REDUCTIONS = ("sum", "kernel_mean")
 
 
+def check_scale_min(value, who: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-30 <= value < 1:
+        raise ValueError(f"{who}: scale_min must be a number in [1e-30, 1), got {value!r}")
+    return float(value)
+
+
 def check_bits(bits, what: str) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"{what}: bits must be an integer in 2..8, got {bits!r}")
@@ -62,9 +68,7 @@ class QATConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"QATConfig.{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.scale_min, bool) or not isinstance(self.scale_min, (int, float)) \
-                or not 1e-30 <= self.scale_min < 1:
-            raise ValueError(f"QATConfig.scale_min must be a number in [1e-30, 1), got {self.scale_min!r}")
+        check_scale_min(self.scale_min, "QATConfig")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"QATConfig.warmup must be in [0, 1), got {self.warmup!r}")
         if self.freeze and not self.track:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .bn import _BN
 from .config import QATConfig
 from .layers import FLOAT_TO_QUANT, _QuantLayer
 from .quantizers import QuantAct, WeightQuantizer
@@ -179,9 +180,6 @@ def _batches(data: Iterable, limit: int):
             raise ValueError(f"oscqat.prepare: calibration batch {i} holds {int((~torch.isfinite(x)).sum())} "
                              f"NaN/Inf values")
         yield x
-
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @torch.no_grad()

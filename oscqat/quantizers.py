@@ -8,7 +8,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import step_hook
-from .config import check_bits
+from .config import check_bits, check_scale_min
 from .ops import ActQuantFn, WeightQuantFn
 from .reference import UNINIT, decode_flags
 
@@ -21,12 +21,6 @@ _STATE_DTYPES = {"prev_int": torch.int8, "flags": torch.int8, "freq": torch.floa
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def check_scale_min(value, who: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1e-30 <= value < 1:
-        raise ValueError(f"{who}: scale_min must be a number in [1e-30, 1), got {value!r}")
-    return float(value)
 
 
 class _ScaleFloor(torch.autograd.Function):
@@ -68,7 +62,24 @@ class _Checked(nn.Module):
 
     def __init__(self):
         super().__init__()
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int32), persistent=False)
+        self.armed = True
         step_hook.register(self)
+
+    def arm(self) -> None:
+        """Make the next training forward the step's first one (tracking, finite check; once per optimizer
+        step)."""
+        self.armed = True
+
+    def _first_forward(self, what: str, *tensors: torch.Tensor) -> bool:
+        """True for the step's first training forward (a no_grad forward is not a training step and does not
+        take it); checks `tensors` for NaN/Inf there and disarms."""
+        first = self.training and self.armed and torch.is_grad_enabled()
+        if first:
+            if self.check_finite:
+                self._check(what, *tensors)
+            self.armed = False
+        return first
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -134,8 +145,6 @@ class WeightQuantizer(_Checked):
             self.register_buffer(k, init if track else None)
         self.register_buffer("freeze_threshold", torch.zeros(()))
         self.register_buffer("last_counts", torch.zeros(2, dtype=torch.int32), persistent=False)
-        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int32), persistent=False)
-        self.armed = True
         self.last_damp: torch.Tensor | None = None
 
     @property
@@ -156,26 +165,15 @@ class WeightQuantizer(_Checked):
         if tuple(w.shape) != self.shape:
             raise ValueError(f"{who}: weight shape {tuple(w.shape)} does not match the quantizer's {self.shape}")
         name = _backend.resolve(w.device.type)
-        # A forward without grad (e.g. a logging forward) is not a training step: it must not take the step's
-        # tracked forward.
-        first = self.training and self.armed and torch.is_grad_enabled()
-        if first and self.check_finite:
-            self._check("weight/scale", w, self.scale)
-        track = first and self.tracking
+        track = self._first_forward("weight/scale", w, self.scale) and self.tracking
         state = (self.prev_int, self.freq) if track else None
         w_hat, d, counts = WeightQuantFn.apply(
             w, floored_scale(self.scale, self.scale_min), self.flags, self.ema, state, self.freeze_threshold,
             self.qmin, self.qmax, self.momentum, self.dampen, self.damp_div, self.grad_scale, name)
-        if first:
-            self.armed = False
         if track:
             self.last_counts = counts
         self.last_damp = d if self.dampen else None
         return w_hat
-
-    def arm(self) -> None:
-        """Make the next training forward the tracked one (call once per optimizer step)."""
-        self.armed = True
 
     def __getstate__(self):
         # last_damp belongs to the autograd graph of the last forward: copies and pickles must not carry it
@@ -252,8 +250,6 @@ class QuantAct(_Checked):
         self.layer_name = name or "QuantAct"
         self.scale_min = check_scale_min(scale_min, self.layer_name)
         self.check_finite = bool(check_finite)
-        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int32), persistent=False)
-        self.armed = True
         self.bits = check_bits(bits, self.layer_name)
         self.signed = bool(signed)
         self.lsq_grad_scale = lsq_grad_scale
@@ -285,19 +281,11 @@ class QuantAct(_Checked):
                 lsq = 2 * x.detach().float().abs().mean() / math.sqrt(self.qmax)
                 self.scale.copy_(torch.where(lsq > 0, lsq, 1.0 / self.qmax).clamp_min(self.scale_min))
             self.initialized = True
-        if self.training and self.armed and torch.is_grad_enabled():
-            if self.check_finite:
-                params = [x, self.scale] + ([self.offset] if self.offset is not None else [])
-                self._check("input/scale/offset", *params)
-            self.armed = False
+        self._first_forward("input/scale/offset", x, self.scale, *([self.offset] if self.offset is not None else []))
         per_sample = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
         gs = 1.0 / math.sqrt(per_sample * self.qmax) if self.lsq_grad_scale else 1.0
         return ActQuantFn.apply(x, floored_scale(self.scale, self.scale_min), self.offset, self.qmin, self.qmax,
                                 gs, _backend.resolve(x.device.type))
-
-    def arm(self) -> None:
-        """Make the next training forward the step's first one (finite check; call once per optimizer step)."""
-        self.armed = True
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
