@@ -1,7 +1,7 @@
 """CPU microbenchmarks at a smoke size (pytest-benchmark). Not part of the default test run (`pytest tests/`):
 
-    python -m pytest bench/test_microbench.py --benchmark-only -q
-    OSCQAT_BENCH_COMPILE=1 python -m pytest bench/test_microbench.py ...   # also torch.compile (slow to compile)
+    python -m pytest bench/microbench.py --benchmark-only -q
+    OSCQAT_BENCH_COMPILE=1 python -m pytest bench/microbench.py ...   # also torch.compile (slow to compile)
 
 Benchmarks report; they assert nothing about speed (targets are in bench/README.md, never in timed tests).
 """
