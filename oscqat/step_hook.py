@@ -1,14 +1,15 @@
 """What follows every optimizer step, so that a plain training loop gets it without asking:
 
 - arm the step's first training forward (tracking and the finite check, docs/semantics.md);
-- project the scales the optimizer just moved back onto the floor `scale_min` (as torch.ao's learnable
-  fake-quant does), so a scale never drifts far below it;
+- bound how far the step moved each scale down: a step may shrink a scale to `SCALE_KEEP` of its value at
+  most, and never below the floor `scale_min` (as torch.ao's learnable fake-quant clamps to a floor);
 - read the non-finite flags of the step's first forward, on accelerators one step late and without a sync;
 - say so, once, when an optimizer steps the weights of quantized layers but no optimizer steps their scales
   (the optimizer was built before `oscqat.prepare`).
 
-One global `torch.optim` step post-hook does this for every optimizer holding a quantizer's scale or a
-quantized layer's weight; `QATSchedule.step()` does the first two for its model too.
+One global `torch.optim` step pre-hook (the bound, taken before the step) and post-hook do this for every
+optimizer holding a quantizer's scale or a quantized layer's weight; `QATSchedule.step()` arms and applies the
+floor for its model too (optimizers outside `torch.optim` get the floor, not the bound).
 """
 from __future__ import annotations
 
@@ -18,13 +19,20 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import weight_check
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 _QUANTIZERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()     # WeightQuantizer and QuantAct
 _LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()         # QuantConv1d/2d, QuantLinear
 _STEPPED_SCALES: dict[int, weakref.ref] = {}     # id -> weakref (tensors compare elementwise, not by identity)
 _generation = 0
 _order = 0
+# An additive step larger than the scale itself (a fresh model's first SGD steps, Adam's lr-sized steps on a
+# 1e-3 scale) would take a scale to the floor in one step: every weight then saturates, the layer's output is
+# ~1e-6, the BatchNorm behind it divides by sqrt(eps) in backward and the gradients overflow. Halving at most
+# keeps the layer alive; the scale can still fall geometrically over steps.
+SCALE_KEEP = 0.5
 
 
 def register(module: nn.Module, layer: bool = False) -> None:
@@ -52,6 +60,7 @@ class _Owned:
         self.quantizers = sorted(quantizers, key=lambda q: q._oscqat_order)
         self.stepped = [q for q in self.quantizers if id(q.scale) in ids]
         self.pending = None
+        self.lower = None                  # SCALE_KEEP x the stepped scales before this step
 
 
 def _key(opt) -> tuple:
@@ -61,12 +70,15 @@ def _key(opt) -> tuple:
 _OWNED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Owned]" = weakref.WeakKeyDictionary()
 
 
-def project_scales(quantizers) -> None:
-    """Clamp the scales of `quantizers` onto their floors in place: one fused launch per floor value."""
+def project_scales(quantizers, lower=None) -> None:
+    """Raise the scales of `quantizers` in place to `lower` (one tensor per quantizer, or None) and onto their
+    floors: one fused launch for the bound, one per floor value."""
     by_floor = defaultdict(list)
     for q in quantizers:
         by_floor[q.scale_min].append(q.scale)
     with torch.no_grad():
+        if lower is not None:
+            torch._foreach_maximum_([q.scale for q in quantizers], lower)
         for floor, scales in by_floor.items():
             torch._foreach_clamp_min_(scales, floor)
 
@@ -77,20 +89,34 @@ def after_step(quantizers) -> None:
     project_scales([q for q in quantizers if q.scale.requires_grad])
 
 
-def _after_optimizer_step(opt, args, kwargs) -> None:
+def _owned(opt) -> _Owned | None:
     if not _QUANTIZERS:
-        return
+        return None
     owned = _OWNED.get(opt)
     if owned is None or owned.key != _key(opt):
         owned = _OWNED[opt] = _Owned(opt)
-    if not owned.quantizers:
+    return owned if owned.quantizers else None
+
+
+def _before_optimizer_step(opt, args, kwargs) -> None:
+    owned = _owned(opt)
+    if owned is not None and owned.stepped:
+        with torch.no_grad():
+            owned.lower = torch._foreach_mul([q.scale for q in owned.stepped], SCALE_KEEP)
+
+
+def _after_optimizer_step(opt, args, kwargs) -> None:
+    owned = _owned(opt)
+    if owned is None:
         return
     owned.steps += 1
     for q in owned.stepped:
         _STEPPED_SCALES[id(q.scale)] = weakref.ref(q.scale)
     for q in owned.quantizers:
         q.arm()
-    project_scales(owned.stepped)
+    lower, owned.lower = owned.lower, None
+    project_scales(owned.stepped, lower)
+    weight_check.record(owned.layers)
     _check_flags(owned)
     if owned.steps == 2 and not owned.warned:   # by the second step every optimizer of the loop has stepped
         owned.warned = True
@@ -141,11 +167,15 @@ def _raise_if_flagged(flags: torch.Tensor, quantizers) -> None:
     if not bool(flags.any()):
         return
     from .quantizers import NonFiniteError
-    first = quantizers[int(flags.nonzero()[0, 0])]
+    index = int(flags.nonzero()[0, 0])
+    first = quantizers[index]
+    if int(flags[index]) == weight_check.WEIGHT_CHANGED:
+        raise weight_check.WeightChangedError(weight_check.message(first.layer_name))
     raise NonFiniteError(
         f"{first.layer_name}: a NaN or infinite value entered this quantizer (its input, weight or scale) in a "
         f"step's first training forward; it is the first such quantizer in module order "
         f"({int(flags.sum())} of {len(quantizers)} were hit)")
 
 
+register_optimizer_step_pre_hook(_before_optimizer_step)
 register_optimizer_step_post_hook(_after_optimizer_step)

@@ -95,14 +95,7 @@ def _prepared(model_name):
     return names, model, twin
 
 
-# Open (issue 9): after the first SGD step about half of the activation quantizers of a fresh EfficientNet-B0 see
-# inputs far below half a step and output all zeros; each BatchNorm after such a layer sees a constant input and
-# its backward multiplies by ~1/sqrt(eps) = 31.6, so the gradient compounds to inf and the scales get NaN at step 1
-# (the float model under the same optimizer stays finite). Strict: the day it passes, this marker must go.
-KNOWN = {("tv_efficientnet_b0", "sgd"): "gradient overflow through BatchNorm after all-zero quantized activations"}
-CASES = [pytest.param(m, o, id=f"{m}-{o}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN[m, o])]
-                      if (m, o) in KNOWN else [])
-         for m in MODELS for o in OPTIMIZERS]
+CASES = [pytest.param(m, o, id=f"{m}-{o}") for m in MODELS for o in OPTIMIZERS]
 
 
 @pytest.mark.parametrize("model_name,opt_name", CASES)

@@ -84,6 +84,25 @@ def test_a_scale_below_the_floor_quantizes_as_the_floor_and_gets_its_gradient():
     assert "scales at their floor: 1" in oscqat.format_report(report)
 
 
+def test_an_optimizer_step_at_most_halves_a_scale():
+    """A step larger than the scale (a fresh EfficientNet-B0's depthwise scale 0.0044 got dL/ds = 1.6 at SGD lr
+    1e-2) would otherwise land on the floor, saturate every weight and overflow the gradients a step later."""
+    from oscqat.step_hook import SCALE_KEEP
+    lin = oscqat.QuantLinear(4, 6, name="fc", config=oscqat.QATConfig(quantize_activations=False))
+    lin.weight_quant.scale.data.fill_(0.004)
+    scale = lin.weight_quant.scale
+    cases = [(1.6, 0.004 * SCALE_KEEP),          # would go to -0.012: held at half
+             (0.1, 0.004 - 1e-2 * 0.1),           # shrinks by a quarter: the optimizer's own step
+             (-0.5, 0.004 + 1e-2 * 0.5)]          # grows: untouched
+    opt = torch.optim.SGD([{"params": [lin.weight]}, {"params": [scale]}], lr=1e-2)
+    for grad, want in cases:
+        scale.data.fill_(0.004)
+        scale.grad = torch.full_like(scale, grad)
+        opt.step()
+        assert scale.item() == pytest.approx(want, rel=1e-6), grad
+    assert int(oscqat.scales_at_floor(lin)) == 0
+
+
 def test_calibration_uses_batch_statistics_and_leaves_bn_alone():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Linear(10, 4))
