@@ -12,6 +12,7 @@ from .config import METHODS, QATConfig
 from .correction import quantization_correction
 from .dampening import dampening_loss
 from .ema import QATModelEMA
+from .fold import fold_bn
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .prepare import prepare, quant_layers, quantizers, weight_quantizers
 from .quantizers import NonFiniteError, QuantAct, WeightQuantizer
@@ -19,10 +20,12 @@ from .report import format_report, oscillation_report
 from .schedule import QATSchedule, arm_tracking, scales_at_floor
 from .summary import PrepareSummary
 from .transition import TransitionRateSchedule
+from .weight_check import WeightChangedError
 
 __all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", "QATConfig", "QATModelEMA", "QATSchedule",
-           "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightQuantizer",
-           "arm_tracking", "dampening_loss", "format_report", "get_backend", "ops", "oscillation_report", "prepare",
+           "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightChangedError",
+           "WeightQuantizer", "arm_tracking", "dampening_loss", "fold_bn", "format_report", "get_backend", "ops",
+           "oscillation_report", "prepare",
            "quant_layers", "quantization_correction", "quantizers", "reestimate_bn", "scales_at_floor", "set_backend",
            "use_backend", "weight_quantizers"]
 __version__ = "0.1.0"

@@ -23,13 +23,28 @@ def check_bits(bits, what: str) -> int:
 
 @dataclass
 class QATConfig:
-    """Validated on construction; every field has the default a MobileNet-class W4A4 run wants."""
+    """Validated on construction; every field has the default a MobileNet-class W4A4 run wants.
+
+    Input and output layers (`first_last_bits`): the quantized layers that take the model's input and those whose
+    output reaches the model's output through no other quantized layer (every output conv of a detector), found
+    by tracing one forward of the first calibration batch (torch.fx without `calib_data`; module order when
+    neither works, said in the summary). `first_layers` / `last_layers` name them instead (fnmatch patterns of
+    module names; each must match a quantized layer). A layer whose weight does not train (requires_grad=False,
+    e.g. a fixed decoding conv) stays in float unless `quantize_frozen_layers`.
+
+    Activation grids, chosen at calibration per quantizer: unsigned when every input was >= 0 (after ReLU);
+    unsigned with a learned LSQ+ offset starting at the minimum when the inputs dip below zero by at most
+    `asym_act_tail` times their maximum, or come from SiLU/Hardswish/GELU/Mish (bounded below by -0.375);
+    signed otherwise."""
     weight_bits: int = 4
     act_bits: int = 4
     method: str = "dampen+freeze"            # QATConfig(4, 4, "dampen+freeze") reads as it is meant
     per_channel: bool = False
     quantize_activations: bool = True
     first_last_bits: int | None = 8          # None: first/last layers get weight_bits/act_bits too
+    first_layers: tuple[str, ...] | None = None   # fnmatch patterns of the input layers; None: from the graph
+    last_layers: tuple[str, ...] | None = None    # fnmatch patterns of the output layers; None: from the graph
+    quantize_frozen_layers: bool = False     # quantize layers whose weight does not train (requires_grad=False)
     skip: tuple[str, ...] = ()               # fnmatch patterns of module names left in float
     track: bool = True                       # oscillation tracking (needed by 'freeze' and the reports)
     track_max_bits: int = 4                  # track/freeze/dampen only layers at <= this many bits
@@ -42,7 +57,8 @@ class QATConfig:
     weight_init: str = "mse"
     act_init: str = "mse"
     lsq_grad_scale: bool = True
-    act_offset: bool = False                 # LSQ+ learned offset for activations
+    act_offset: bool = False                 # LSQ+ learned offset for every activation quantizer
+    asym_act_tail: float = 0.1               # see the class docstring; 0: no asymmetric grids chosen at calibration
     calib_batches: int = 8
     scale_min: float = 1e-6                  # floor of every learned scale (docs/semantics.md, "Scale floor")
     check_finite: bool = True                # NaN/Inf check in each step's first forward (no sync on GPU)
@@ -54,7 +70,8 @@ class QATConfig:
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "QATConfig.first_last_bits")
         check_bits(self.track_max_bits, "QATConfig.track_max_bits")
-        for name in ("per_channel", "quantize_activations", "track", "lsq_grad_scale", "act_offset", "check_finite"):
+        for name in ("per_channel", "quantize_activations", "track", "lsq_grad_scale", "act_offset", "check_finite",
+                     "quantize_frozen_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.method not in METHODS:
@@ -69,6 +86,14 @@ class QATConfig:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"QATConfig.{name} must be a finite number >= 0, got {v!r}")
         check_scale_min(self.scale_min, "QATConfig")
+        if not (isinstance(self.asym_act_tail, (int, float)) and 0 <= self.asym_act_tail <= 1):
+            raise ValueError(f"QATConfig.asym_act_tail must be a number in [0, 1], got {self.asym_act_tail!r}")
+        for name in ("first_layers", "last_layers"):
+            v = getattr(self, name)
+            if isinstance(v, str) or (v is not None and not all(isinstance(p, str) for p in v)):
+                raise ValueError(f"QATConfig.{name} must be None or a tuple of module-name patterns, got {v!r}")
+            if v is not None:
+                setattr(self, name, tuple(v))
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"QATConfig.warmup must be in [0, 1), got {self.warmup!r}")
         if self.freeze and not self.track:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import warnings
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -12,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from .bn import _BN
 from .config import QATConfig
+from .graph import Flow, fx_flow, traced_flow
 from .layers import FLOAT_TO_QUANT, _QuantLayer
 from .quantizers import QuantAct, WeightQuantizer
 from .summary import PrepareSummary
@@ -73,11 +76,12 @@ def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
 def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Iterable | None = None,
             verbose: bool = True) -> nn.Module:
     """Quantize `model` in place (and return it): every nn.Conv1d/Conv2d/Linear, subclasses included, not
-    matched by `config.skip` becomes a QuantConv1d/QuantConv2d/QuantLinear; the first and last get
-    `config.first_last_bits`. A subclass that overrides `forward` stays in float with a warning (its forward
-    cannot be reproduced). Weight scales are initialised from the weights (`config.weight_init`); activation
-    scales and signedness from `calib_data` (an iterable of input batches or (input, target) pairs), else from
-    the first training batch. What was done is in `model.oscqat_summary` (printed when `verbose`).
+    matched by `config.skip` and whose weight trains becomes a QuantConv1d/QuantConv2d/QuantLinear; the input
+    and output layers, found from the data flow (QATConfig docstring), get `config.first_last_bits`. A subclass
+    that overrides `forward` stays in float with a warning (its forward cannot be reproduced). Weight scales are
+    initialised from the weights (`config.weight_init`); activation scales and grids from `calib_data` (an
+    iterable of input batches or (input, target) pairs; a detector's batch is (list of images, targets)), else
+    from the first training batch. What was done is in `model.oscqat_summary` (printed when `verbose`).
 
     Build the optimizer after `prepare`: the scales are new parameters."""
     config = config or QATConfig()
@@ -93,6 +97,10 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
         if any(fnmatch.fnmatch(name, pat) for pat in config.skip):
             summary.skipped.append((name, type(m).__name__, "matched QATConfig.skip"))
             continue
+        if not m.weight.requires_grad and not config.quantize_frozen_layers:
+            summary.skipped.append((name, type(m).__name__, "its weight does not train (requires_grad=False): a "
+                                    "fixed layer; QATConfig.quantize_frozen_layers=True quantizes it"))
+            continue
         cls, reason = _swap_target(m)
         if cls is None:
             summary.skipped.append((name, type(m).__name__, reason))
@@ -104,21 +112,85 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
         raise ValueError("oscqat.prepare: the model has no nn.Conv1d/Conv2d/Linear layer to quantize"
                          + (f" ({len(summary.skipped)} left in float: {summary.skipped[0][2]})"
                             if summary.skipped else ""))
-    edge = {targets[0][0], targets[-1][0]}
+    raw = None if calib_data is None else list(itertools.islice(calib_data, config.calib_batches))
+    batches = None if raw is None else list(_batches(raw, len(raw)))
+    if batches == []:
+        raise ValueError("oscqat.prepare: calib_data yielded no batch")
+    flow = _data_flow(model, targets, config, batches)
+    if config.first_last_bits is not None:
+        names = [name for name, _, _ in targets]
+        summary.first = flow.first if config.first_layers is None else _named(config.first_layers, names,
+                                                                               "first_layers")
+        summary.last = flow.last if config.last_layers is None else _named(config.last_layers, names, "last_layers")
+        summary.edges_from = "QATConfig" if config.first_layers is not None and config.last_layers is not None \
+            else flow.how
+    edge = set(summary.first) | set(summary.last)
     for name, m, cls in targets:
-        bits = config.first_last_bits if name in edge and config.first_last_bits is not None else None
+        bits = config.first_last_bits if name in edge else None
         q = cls.from_float(m, config, weight_bits=bits, act_bits=bits, name=name)
         _copy_hooks(m, q)
         _set_submodule(model, name, q)
         summary.swapped.append((name, type(m).__name__, q))
     summary.fallbacks += init_weight_scales(model, config.weight_init)
-    if calib_data is not None and config.quantize_activations:
-        summary.fallbacks += calibrate_activations(model, calib_data, config.calib_batches, config.act_init)
+    if batches is not None and config.quantize_activations:
+        summary.fallbacks += calibrate_activations(model, raw, len(raw), config.act_init,
+                                                   config.asym_act_tail, flow.after, summary.asymmetric)
+        summary.calibration = (f"{len(batches)} batch(es), BatchNorm normalising by batch statistics as in "
+                               f"training (running statistics left as they were)")
     model._oscqat_config = config
     model.oscqat_summary = summary
     if verbose:
         print(summary.short())
     return model
+
+
+def _named(patterns, names: list[str], field: str) -> list[str]:
+    found = []
+    for pat in patterns:
+        hit = [n for n in names if fnmatch.fnmatch(n, pat)]
+        if not hit:
+            raise ValueError(f"oscqat.prepare: QATConfig.{field} pattern {pat!r} matches no quantized layer "
+                             f"(they are named like {', '.join(names[:3])}, ...)")
+        found += hit
+    return list(dict.fromkeys(found))
+
+
+def _data_flow(model: nn.Module, targets, config: QATConfig, batches) -> Flow:
+    """Input/output layers and the activation type feeding each layer, from the float model."""
+    layers = {name: m for name, m, _ in targets}
+    if batches:
+        with batch_statistics(model):
+            return traced_flow(model, layers, batches[0])
+    if config.first_last_bits is None or (config.first_layers is not None and config.last_layers is not None):
+        return Flow([], [], how="")
+    try:
+        return fx_flow(model, layers)
+    except Exception as e:   # torch.fx fails in many ways on Python control flow; the summary names it
+        names = list(layers)
+        return Flow(names[:1], names[-1:], how=f"module order: no calib_data to trace a forward with, and torch.fx "
+                                               f"cannot trace the model ({type(e).__name__})")
+
+
+@contextmanager
+def batch_statistics(model: nn.Module):
+    """Eval mode with every BatchNorm normalising by batch statistics, as the training forward will: a BN's
+    running statistics may not match the data yet (a fresh model, a new domain, momentum 0.03), and ranges
+    calibrated on them are ones QAT never sees. Running statistics and modes are restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in bns]
+    try:
+        model.eval()
+        for m in bns:
+            m.train()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(bns, saved):
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(buffers[k])
+        for m, mode in modes.items():
+            m.training = mode
 
 
 @torch.no_grad()
@@ -183,15 +255,19 @@ def _batches(data: Iterable, limit: int):
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int = 8,
-                          method: str = "mse") -> list[tuple[str, str]]:
-    """Run float batches through `model` (quantizers bypassed) and set each QuantAct's signedness (unsigned when
-    every calibration input was >= 0, e.g. after ReLU) and scale. BatchNorm normalises with batch statistics,
-    as in the training forward that follows (a freshly initialised BN's running statistics would give ranges
-    QAT never sees); its running statistics are left untouched. Returns (layer, note) for fallbacks."""
+def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int = 8, method: str = "mse",
+                          asym_tail: float = 0.0, after: dict[str, str] | None = None,
+                          asymmetric: list | None = None) -> list[tuple[str, str]]:
+    """Run float batches through `model` (quantizers bypassed, BatchNorm as in `batch_statistics`) and set each
+    QuantAct's grid and scale: unsigned when every input was >= 0 (e.g. after ReLU); unsigned with a learned
+    offset starting at the minimum when the inputs dip below zero by at most `asym_tail` times their maximum or
+    the layer is fed by an activation named in `after` (layer -> type, e.g. SiLU), recorded in `asymmetric` as
+    (quantizer, why); signed otherwise. Returns (layer, note) for fallbacks."""
+    after = after or {}
     acts = [(name, m.input_quant) for name, m in quant_layers(model) if m.input_quant is not None]
     samples: dict[int, list[torch.Tensor]] = {id(a): [] for _, a in acts}
-    mins: dict[int, float] = {}
+    lo: dict[int, float] = {}
+    hi: dict[int, float] = {}
     saved = {id(a): a.forward for _, a in acts}
 
     def recorder(a: QuantAct):
@@ -201,7 +277,8 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int = 8
                 raise ValueError(f"oscqat.prepare: the calibration forward gives {int((~torch.isfinite(flat)).sum())}"
                                  f" NaN/Inf values at {a.layer_name} (the first quantized layer to see them), "
                                  f"from finite calibration data")
-            mins[id(a)] = min(mins.get(id(a), math.inf), flat.min().item())
+            lo[id(a)] = min(lo.get(id(a), math.inf), flat.min().item())
+            hi[id(a)] = max(hi.get(id(a), -math.inf), flat.max().item())
             keep = max(1, _MAX_ACT_SAMPLES // max(1, num_batches))
             if flat.numel() > keep:
                 flat = flat[torch.randperm(flat.numel(), device=flat.device)[:keep]]
@@ -209,31 +286,21 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int = 8
             return x
         return fwd
 
-    modes = {m: m.training for m in model.modules()}
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
-    bn_buffers = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in bns]
     quantizers = weight_quantizers(model)
     armed = [q.armed for q in quantizers]
     try:
         for _, a in acts:
             a.forward = recorder(a)
-        model.eval()
-        for m in bns:
-            m.train()
         seen = 0
-        for x in _batches(data, num_batches):
-            model(x)
-            seen += 1
+        with batch_statistics(model):
+            for x in _batches(data, num_batches):
+                model(x)
+                seen += 1
         if seen == 0:
             raise ValueError("oscqat.prepare: calib_data yielded no batch")
     finally:
         for _, a in acts:
             a.forward = saved[id(a)]
-        for m, buffers in zip(bns, bn_buffers):
-            for k, b in m.named_buffers(recurse=False):
-                b.copy_(buffers[k])
-        for m, mode in modes.items():
-            m.training = mode
         for q, a in zip(quantizers, armed):
             q.armed = a
     notes = []
@@ -242,7 +309,19 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int = 8
             notes.append((a.layer_name, "not reached by the calibration forward: scale from its first batch"))
             continue
         v = torch.cat(samples[id(a)])
-        a.signed = mins[id(a)] < 0
+        low, high = lo[id(a)], hi[id(a)]
+        why = None
+        if low < 0 < asym_tail:
+            why = f"after {after[name]}" if name in after else \
+                f"min {low:.3g} >= -{asym_tail:g} * max {high:.3g}" if -low <= asym_tail * high else None
+        a.signed = low < 0 and why is None
+        if why is not None:
+            if a.offset is None:
+                a.offset = nn.Parameter(torch.zeros(1, device=a.scale.device))
+            a.offset.fill_(low)
+            v = v - low
+            if asymmetric is not None:
+                asymmetric.append((a.layer_name, why))
         s = _act_scale(v, a.qmin, a.qmax, method)
         if not bool(v.abs().max() > 0):
             notes.append((a.layer_name, "all calibration inputs were 0: scale for the range [0, 1]"))

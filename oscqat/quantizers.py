@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from . import step_hook
+from . import step_hook, weight_check
 from .config import check_bits, check_scale_min
 from .ops import ActQuantFn, WeightQuantFn
 from .reference import UNINIT, decode_flags
@@ -146,6 +146,7 @@ class WeightQuantizer(_Checked):
         self.register_buffer("freeze_threshold", torch.zeros(()))
         self.register_buffer("last_counts", torch.zeros(2, dtype=torch.int32), persistent=False)
         self.last_damp: torch.Tensor | None = None
+        self.weight_ref: torch.Tensor | None = None     # checksum at the last optimizer step (weight_check.py)
 
     @property
     def qmin(self) -> int:
@@ -165,7 +166,10 @@ class WeightQuantizer(_Checked):
         if tuple(w.shape) != self.shape:
             raise ValueError(f"{who}: weight shape {tuple(w.shape)} does not match the quantizer's {self.shape}")
         name = _backend.resolve(w.device.type)
-        track = self._first_forward("weight/scale", w, self.scale) and self.tracking
+        first = self._first_forward("weight/scale", w, self.scale)
+        if first and self.weight_ref is not None:
+            self._check_weight(w)
+        track = first and self.tracking
         state = (self.prev_int, self.freq) if track else None
         w_hat, d, counts = WeightQuantFn.apply(
             w, floored_scale(self.scale, self.scale_min), self.flags, self.ema, state, self.freeze_threshold,
@@ -174,6 +178,12 @@ class WeightQuantizer(_Checked):
             self.last_counts = counts
         self.last_damp = d if self.dampen else None
         return w_hat
+
+    def _check_weight(self, w: torch.Tensor) -> None:
+        bad = weight_check.changed(self.weight_ref, w).to(torch.int32) * weight_check.WEIGHT_CHANGED
+        self.nonfinite = torch.maximum(self.nonfinite.to(bad.device), bad)
+        if bad.device.type == "cpu" and not _compiling() and bool(bad):
+            raise weight_check.WeightChangedError(weight_check.message(self.layer_name))
 
     def __getstate__(self):
         # last_damp belongs to the autograd graph of the last forward: copies and pickles must not carry it
@@ -207,6 +217,7 @@ class WeightQuantizer(_Checked):
     def _apply(self, fn, recurse=True):
         # model.half()/.to(dtype) must not touch the scale or the fp32 state (docs/semantics.md).
         super()._apply(fn, recurse)
+        self.weight_ref = None      # the weight moves or changes dtype with it
         if self.scale.dtype != torch.float32:
             self.scale.data = self.scale.data.float()
         for k in ("freq", "ema", "freeze_threshold"):
@@ -229,6 +240,7 @@ class WeightQuantizer(_Checked):
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.scale.shape):
             raise ValueError(f"{self.layer_name}: scale in the checkpoint has shape {tuple(state_dict[key].shape)}, "
                              f"expected {tuple(self.scale.shape)}")
+        self.weight_ref = None      # the layer's weight is being loaded too
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -293,6 +305,13 @@ class QuantAct(_Checked):
             if p is not None and p.dtype != torch.float32:
                 p.data = p.data.float()
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # calibration gives an offset to the quantizers it makes asymmetric; a model prepared without it takes
+        # the checkpoint's
+        if prefix + "offset" in state_dict and self.offset is None:
+            self.offset = nn.Parameter(torch.zeros(1, device=self.scale.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self):
         return {"signed": self.signed, "initialized": self.initialized}

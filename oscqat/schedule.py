@@ -6,17 +6,19 @@ import math
 import torch
 from torch import nn
 
-from . import step_hook
+from . import step_hook, weight_check
 from .config import QATConfig
-from .prepare import quantizers, weight_quantizers
+from .prepare import quant_layers, quantizers, weight_quantizers
 
 
 def arm_tracking(model: nn.Module) -> None:
     """Make the next training forward the step's first one for every quantizer: weights are tracked in it, and
     inputs, weights and scales checked for NaN/Inf. Every `torch.optim` optimizer step that holds the model's
-    weights or scales already does this (oscqat/step_hook.py); call it yourself with another kind of update."""
+    weights or scales already does this (oscqat/step_hook.py); call it yourself with another kind of update.
+    It also accepts the weights as they are now (oscqat/weight_check.py)."""
     for q in quantizers(model):
         q.arm()
+    weight_check.record(m for _, m in quant_layers(model))
 
 
 def scales_at_floor(model: nn.Module) -> torch.Tensor:
@@ -84,6 +86,7 @@ class QATSchedule:
         self.step_count += 1
         self._apply()
         step_hook.after_step(quantizers(self.model))
+        weight_check.record(m for _, m in quant_layers(self.model))
 
     @property
     def scales_at_floor(self) -> torch.Tensor:

@@ -8,13 +8,20 @@ from .config import QATConfig
 
 class PrepareSummary:
     """`swapped`: (name, float type, quantized layer); `skipped`: (name, type, why it stays in float);
-    `fallbacks`: (quantizer, note) where range initialisation could not use the data as is."""
+    `fallbacks`: (quantizer, note) where range initialisation could not use the data as is; `first`/`last`: the
+    input/output layers at `first_last_bits` and `edges_from`, how they were found; `asymmetric`: (quantizer,
+    why) for the activation grids with a learned offset; `calibration`: how activation ranges were calibrated."""
 
     def __init__(self, config: QATConfig):
         self.config = config
         self.swapped: list = []
         self.skipped: list[tuple[str, str, str]] = []
         self.fallbacks: list[tuple[str, str]] = []
+        self.first: list[str] = []
+        self.last: list[str] = []
+        self.edges_from = ""
+        self.asymmetric: list[tuple[str, str]] = []
+        self.calibration = "none: activation scales from the first training batch"
 
     @staticmethod
     def _bits(layer) -> str:
@@ -37,8 +44,16 @@ class PrepareSummary:
                  + ", ".join(f"{b}: {n}" for b, n in sorted(by_bits.items())) + f"), {len(self.skipped)} left in "
                  f"float; method {c.method!r} on the {tracked} layers at <= {c.track_max_bits} bits"]
         if c.first_last_bits is not None and self.swapped:
-            ends = dict.fromkeys((self.swapped[0][0], self.swapped[-1][0]))
-            lines.append(f"  at {c.first_last_bits} bits (first/last): {', '.join(ends)}")
+            ends = dict.fromkeys(self.first + self.last)
+            lines.append(f"  at {c.first_last_bits} bits (first/last): {', '.join(ends)} (input: {len(self.first)}, "
+                         f"output: {len(self.last)}; from {self.edges_from})")
+        if c.quantize_activations:
+            lines.append(f"  activation calibration: {self.calibration}")
+        if self.asymmetric:
+            why = Counter("after " + w.split()[1] if w.startswith("after") else "small negative tail"
+                          for _, w in self.asymmetric)
+            lines.append(f"  asymmetric activation grids (unsigned, learned offset): {len(self.asymmetric)} ("
+                         + ", ".join(f"{k}: {n}" for k, n in sorted(why.items())) + ")")
         for name, ftype, why in self.skipped:
             lines.append(f"  left in float: {name} ({ftype}): {why}")
         for name, note in self.fallbacks:

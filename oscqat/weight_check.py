@@ -1,0 +1,41 @@
+"""A weight changed behind the quantizer's back: e.g. a detection framework's own `fuse()` folding BatchNorm into
+the conv weights, while the weight quantizer's scale and frozen integers still describe the old weights.
+
+After every optimizer step (and `QATSchedule.step()`, `oscqat.arm_tracking`) each quantized layer records a
+checksum of its weight, the fp32 sum (a 0-d device tensor, no sync). The next step's first training forward
+recomputes it and raises (CPU) or flags (accelerators: raised after the next optimizer step, as the NaN/Inf
+check) when they differ. Loading a state_dict, moving the model (`.to`) and `oscqat.fold_bn` forget it."""
+from __future__ import annotations
+
+import torch
+
+
+class WeightChangedError(RuntimeError):
+    """A quantized layer's weight changed outside the optimizer since its last step."""
+
+
+WEIGHT_CHANGED = 2          # value of a quantizer's `nonfinite` flag that means "weight changed"
+
+
+def checksum(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().sum(dtype=torch.float32)
+
+
+def record(layers) -> None:
+    """Record the checksum of each layer's weight (after a legitimate update)."""
+    for m in layers:
+        m.weight_quant.weight_ref = checksum(m.weight)
+
+
+def changed(ref: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """0-d bool device tensor: the weight's checksum differs from `ref` (a NaN/Inf weight is the finite check's)."""
+    now = checksum(w)
+    return (now != ref) & torch.isfinite(now)
+
+
+def message(name: str) -> str:
+    return (f"{name}: the weight changed outside the optimizer since its last step (its checksum differs from the "
+            f"one recorded after that step). Something modified it in place behind oscqat's back, e.g. a "
+            f"framework's fuse() folding BatchNorm into the conv weights, which leaves the weight quantizer's scale "
+            f"and frozen integers describing the old weights. Fold with oscqat.fold_bn(model), which rescales the "
+            f"quantizers too; after a deliberate change, call oscqat.arm_tracking(model) to accept it.")
