@@ -39,9 +39,11 @@ def test_one_epoch_learns_and_writes_complete_report(tmp_path, fp_ckpt, capsys):
     for k in ("fp_acc", "acc_pre_bn", "acc_post_bn", "osc_pct", "frozen_pct", "layers", "timings", "config",
               "versions", "plots", "epochs"):
         assert k in rep, k
-    assert rep["acc_post_bn"] > 50 and rep["acc_pre_bn"] > 50, rep      # 10 classes: chance is 10%
-    assert rep["fp_acc"] > 50
-    assert 0 <= rep["osc_pct"] <= 100 and 0 <= rep["frozen_pct"] <= 100
+    # W4A4 QAT from the FP model, scored on the same 355 test images (1 image = 0.28 points). Measured
+    # (2026-11-30, seeds 0-2 with the same FP model): FP 93.80%, QAT post-BN 91.83-93.24%, pre-BN 91.55-92.96%:
+    # gaps of 0.6-2.3 points; the bound allows 5, and the FP model must itself have learnt (chance is 10%).
+    assert rep["fp_acc"] > 85, rep
+    assert rep["acc_pre_bn"] >= rep["fp_acc"] - 5 and rep["acc_post_bn"] >= rep["fp_acc"] - 5, rep
     assert rep["config"]["weight_bits"] == 4 and rep["config"]["method"] == "dampen+freeze"
     assert rep["dataset"]["name"] == "digits" and rep["dataset"]["image_size"] == [8, 8]
     assert "load_digits" in rep["dataset"]["path"] and rep["dataset"]["test_size"] == 355
@@ -67,6 +69,22 @@ def test_one_epoch_learns_and_writes_complete_report(tmp_path, fp_ckpt, capsys):
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt")]) == 0
     text = capsys.readouterr().out
     assert "dataset: digits (" in text and " on digits: " in text
+
+
+def test_oscillation_percentage_is_in_the_measured_range(tmp_path, fp_ckpt):
+    """LSQ (nothing frozen or dampened), W4A4, 22 steps, tracker momentum 0.1: the share of weights whose
+    oscillation frequency ends above 0.005. Measured (2026-11-30, `--backend torch`, same FP model): 3.50% (seed
+    0), 2.99% (seed 1), 2.78% (seed 2). The same run with wrong trackers, patched into the reference: counting every
+    integer change as an oscillation 19.97%; not requiring a change (a weight that never moved, last_dir 0,
+    counts) 95.58%; counting continuing moves instead of reversals 0.003%; counting nothing 0%. The bounds
+    [1.5, 7] keep a factor 2 from the measured values on either side and exclude every wrong tracker."""
+    out = tmp_path / "lsq"
+    assert main(["train", *TINY, "--fp-epochs", "3", "--fp-checkpoint", fp_ckpt, "--epochs", "1", "--method", "lsq",
+                 "--momentum", "0.1", "--no-plots", "--record-last", "0", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["steps"] == 22 and rep["frozen_pct"] == 0.0
+    assert 1.5 <= rep["osc_pct"] <= 7.0, rep["osc_pct"]
+    assert rep["acc_post_bn"] >= rep["fp_acc"] - 5, rep
 
 
 def test_fp_accuracy_is_measured_with_reestimated_bn(tmp_path, capsys):
