@@ -4,6 +4,10 @@ Each op runs the raw kernel of the named backend (`oscqat.backend`); fake implem
 `torch.compile` trace through without a graph break. One autograd Function per quantizer kind ties the
 forward ops to the backward ops (the tracked forward mutates state, so it cannot carry a registered autograd
 formula itself). Semantics: docs/semantics.md.
+
+The `cpp` and `cuda` backends are C++ ops already (`torch.ops.oscqat_C`, schemas and fake implementations of
+their own), so the Functions call them directly: going through the Python custom op as well cost ~20 us per
+call on CPU (Python dispatch, then the mutation's version bump), as much as a 64K-element kernel.
 """
 from __future__ import annotations
 
@@ -19,6 +23,29 @@ _DENSE = torch.contiguous_format
 
 def _impl(name: str):
     return _backend.load(name)
+
+
+_NATIVE = ("cpp", "cuda")
+
+
+_native_loaded: set = set()
+
+
+def _native_ops(backend: str):
+    """torch.ops.oscqat_C for the C++ backends (loading oscqat._C the first time), else None."""
+    if backend not in _NATIVE:
+        return None
+    if backend not in _native_loaded and not torch.compiler.is_compiling():
+        _impl(backend).check(backend, "cuda" if backend == "cuda" else "cpu")
+        _native_loaded.add(backend)
+    return torch.ops.oscqat_C
+
+
+def _bump(*tensors: Tensor) -> None:
+    """What the custom op's mutates_args does: a tensor saved for a backward and then mutated must be caught by
+    autograd's version check. Under torch.compile the graph's functionalization does it."""
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(tensors)
 
 
 # ---------------------------------------------------------------- weights
@@ -65,10 +92,19 @@ class WeightQuantFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend):
+        native = _native_ops(backend)
         if track_state is not None:
             prev_int, freq = track_state
-            w_hat, d, counts = weight_quant_track(w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum,
-                                                  damp, damp_div, backend)
+            if native is not None:
+                w_hat, d, counts = native.weight_fwd_track(w.contiguous(), scale, prev_int, flags, freq, ema, f_th,
+                                                           n, p, float(momentum), damp, float(damp_div))
+                _bump(prev_int, flags, freq, ema)
+            else:
+                w_hat, d, counts = weight_quant_track(w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum,
+                                                      damp, damp_div, backend)
+        elif native is not None:
+            w_hat, d = native.weight_fwd(w.contiguous(), scale, flags, ema, n, p, damp, float(damp_div))
+            counts = None
         else:
             w_hat, d = weight_quant(w, scale, flags, ema, n, p, damp, damp_div, backend)
             counts = None
@@ -85,8 +121,13 @@ class WeightQuantFn(torch.autograd.Function):
             g_d = torch.zeros((), dtype=torch.float32, device=w.device)
         if g is None:
             g = torch.zeros_like(w)
-        gw, gs = weight_quant_bwd(g, w, scale, flags, ema, g_d, n, p, grad_scale, damp, damp_div, tracked,
-                                  backend)
+        native = _native_ops(backend)
+        if native is not None:
+            gw, gs = native.weight_bwd(g.contiguous(), w.contiguous(), scale, flags, ema, g_d, n, p, float(grad_scale),
+                                       damp, float(damp_div), tracked)
+        else:
+            gw, gs = weight_quant_bwd(g, w, scale, flags, ema, g_d, n, p, grad_scale, damp, damp_div, tracked,
+                                      backend)
         return (gw, gs.to(scale.dtype)) + (None,) * 11
 
 
@@ -118,11 +159,18 @@ class ActQuantFn(torch.autograd.Function):
     def forward(ctx, x, scale, offset, n, p, grad_scale, backend):
         ctx.save_for_backward(x, scale, offset)
         ctx.args = (n, p, grad_scale, backend)
+        native = _native_ops(backend)
+        if native is not None:
+            return native.act_fwd(x.contiguous(), scale, offset, n, p)
         return act_quant(x, scale, offset, n, p, backend)
 
     @staticmethod
     def backward(ctx, g):
         x, scale, offset = ctx.saved_tensors
         n, p, grad_scale, backend = ctx.args
-        gx, gs, go = act_quant_bwd(g, x, scale, offset, n, p, grad_scale, backend)
+        native = _native_ops(backend)
+        if native is not None:
+            gx, gs, go = native.act_bwd(g.contiguous(), x.contiguous(), scale, offset, n, p, float(grad_scale))
+        else:
+            gx, gs, go = act_quant_bwd(g, x, scale, offset, n, p, grad_scale, backend)
         return gx, gs.to(scale.dtype), (None if offset is None else go.to(offset.dtype)), None, None, None, None
