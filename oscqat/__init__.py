@@ -9,9 +9,12 @@ from . import ops  # registers the torch.library ops
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .bn import reestimate_bn
 from .config import METHODS, QATConfig
+from .convert import FixedQuantAct, IntConv1d, IntConv2d, IntLinear, convert
 from .correction import quantization_correction
 from .dampening import dampening_loss
 from .ema import QATModelEMA
+from .export import (compare_onnxruntime, encodings, export_encodings, export_onnx, export_program, export_pt2,
+                     onnx_weight_ints)
 from .fold import fold_bn
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .prepare import prepare, quant_layers, quantizers, weight_quantizers
@@ -27,5 +30,7 @@ __all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", 
            "WeightQuantizer", "arm_tracking", "dampening_loss", "fold_bn", "format_report", "get_backend", "ops",
            "oscillation_report", "prepare",
            "quant_layers", "quantization_correction", "quantizers", "reestimate_bn", "scales_at_floor", "set_backend",
-           "use_backend", "weight_quantizers"]
+           "use_backend", "weight_quantizers",
+           "FixedQuantAct", "IntConv1d", "IntConv2d", "IntLinear", "compare_onnxruntime", "convert", "encodings",
+           "export_encodings", "export_onnx", "export_program", "export_pt2", "onnx_weight_ints"]
 __version__ = "0.1.0"
