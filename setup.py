@@ -136,10 +136,11 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["matplotlib", "tqdm", "scikit-learn"],
+        # onnx, onnxscript, onnxruntime: oscqat.export_onnx and its check (docs/export.md)
+        "train": ["matplotlib", "tqdm", "scikit-learn", "onnx", "onnxscript", "onnxruntime"],
         # torchvision, timm: tests/test_real_models.py
         "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "tqdm", "scikit-learn", "pytest-benchmark",
-                 "torchvision", "timm"],
+                 "torchvision", "timm", "onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["oscqat=oscqat.app.cli:main"]},
     ext_modules=ext_modules,

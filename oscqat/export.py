@@ -61,6 +61,10 @@ def _batch_dim(args):
 def _program(model: nn.Module, example_inputs, dynamic_batch: bool, aten: bool):
     model = as_converted(model).eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if dynamic_batch and any(a.shape[0] < 2 for a in args):
+        raise ValueError(f"export: a dynamic batch dimension needs example inputs with a batch of at least 2 "
+                         f"(torch.export specialises size 1), got {[tuple(a.shape) for a in args]}; or pass "
+                         f"dynamic_batch=False")
     with aten_qdq() if aten else contextlib.nullcontext():
         ep = torch.export.export(model, args, dynamic_shapes=_batch_dim(args) if dynamic_batch else None)
     return model, args, ep

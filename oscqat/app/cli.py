@@ -9,6 +9,7 @@ COMMANDS = {
     "toy": ("oscqat.app.toy", "the paper's 1-D toy regression through oscqat's own quantizer and tracker"),
     "train": ("oscqat.app.train", "oscillation-aware QAT of a model on real data, with a report and plots"),
     "eval": ("oscqat.app.evaluate", "re-evaluate a checkpoint, with and without BN re-estimation"),
+    "export": ("oscqat.app.export", "write a checkpoint as ONNX (QDQ), encodings JSON and .pt2; check onnxruntime"),
 }
 
 

@@ -832,6 +832,14 @@ def run_training(args: argparse.Namespace) -> dict:
             "backend": resolved_backend(device), "steps": trainer.step, "versions": versions(),
             "checkpoint": str(ckpt),
         }
+        try:
+            from .export import COMPARE_IMAGES, describe as describe_export, export_files
+            with Phase(args, timings, "export_s", "export: ONNX and encodings of the BN-re-estimated model"):
+                report["export"] = export_files(bn_model, ds.test_x[:COMPARE_IMAGES], out / "model.onnx", pt2=False)
+            log(args, describe_export(report["export"]))
+        except ImportError as e:
+            report["export"] = {"skipped": f"onnx/onnxruntime not installed: {e}"}
+            log(args, f"export skipped: {e}")
         if not args.no_plots:
             try:
                 with Phase(args, timings, "plots_s", "plots"):
