@@ -125,6 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="record the depthwise layers' integers over the last K steps (Fig. 2 plot of the most "
                         "oscillating one)")
     g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-export", action="store_true",
+                   help="skip writing OUT/model.onnx + encodings and the onnxruntime check (`oscqat export` does it "
+                        "later)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     g.add_argument("--log-every", type=int, default=None, metavar="N",
                    help="without a terminal (output redirected): a progress line every N steps (default: 10 "
@@ -133,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 RESUME_OVERRIDES = ("out", "quiet", "device", "backend", "stop_after_epoch", "resume", "threads", "no_plots",
-                    "log_every")
+                    "log_every", "no_export")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -832,14 +835,18 @@ def run_training(args: argparse.Namespace) -> dict:
             "backend": resolved_backend(device), "steps": trainer.step, "versions": versions(),
             "checkpoint": str(ckpt),
         }
-        try:
-            from .export import COMPARE_IMAGES, describe as describe_export, export_files
-            with Phase(args, timings, "export_s", "export: ONNX and encodings of the BN-re-estimated model"):
-                report["export"] = export_files(bn_model, ds.test_x[:COMPARE_IMAGES], out / "model.onnx", pt2=False)
-            log(args, describe_export(report["export"]))
-        except ImportError as e:
-            report["export"] = {"skipped": f"onnx/onnxruntime not installed: {e}"}
-            log(args, f"export skipped: {e}")
+        if getattr(args, "no_export", False):
+            report["export"] = {"skipped": "--no-export"}
+        else:
+            try:
+                from .export import COMPARE_IMAGES, describe as describe_export, export_files
+                with Phase(args, timings, "export_s", "export: ONNX and encodings of the BN-re-estimated model"):
+                    report["export"] = export_files(bn_model, ds.test_x[:COMPARE_IMAGES], out / "model.onnx",
+                                                    pt2=False)
+                log(args, describe_export(report["export"]))
+            except ImportError as e:
+                report["export"] = {"skipped": f"onnx/onnxruntime not installed: {e}"}
+                log(args, f"export skipped: {e}")
         if not args.no_plots:
             try:
                 with Phase(args, timings, "plots_s", "plots"):
