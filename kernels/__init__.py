@@ -6,13 +6,15 @@ TRITON_INTERPRET=1 was set before this module was imported. Nothing here synchro
 
 Bytes moved per element (E = 4 for fp32 tensors, 2 for bf16/fp16; f = fraction of frozen weights):
   weight_fwd        2E (no state), 2E + 1 + 4f (with flags/ema)
-  weight_fwd_track  2E + 20 - 4f  (w, prev_int, flags, freq, ema read; w_hat, prev_int, flags, freq written,
-                                  ema written where not frozen)
+  weight_fwd_track  2E + 20       (w, prev_int, flags, freq, ema read; w_hat, prev_int, flags, freq, ema
+                                  written: frozen weights rewrite their ema slot unchanged, so it vectorises)
   weight_bwd        3E (no state), 3E + 1 + 4f (with flags/ema)
   act_fwd           2E
   act_bwd           3E
+The 4f terms (ema read only where frozen) are lower bounds: DRAM moves 32-byte sectors, i.e. 8 weights.
 Reductions (D, counts, dL/ds, dL/do) add a few bytes per program of ~2048 elements, and one tiny
-second launch when the grid has more than one program.
+second launch when the grid has more than one program. bench/gpu_bytes.py derives these numbers from the
+compiled PTX (tests/test_triton_aot.py checks the instruction widths).
 """
 from __future__ import annotations
 

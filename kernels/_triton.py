@@ -106,7 +106,7 @@ def _tile(pid, C, K, NKB, I64: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_C: tl.
     return kb, rows, rmask, m2, offs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("C", "NKB"))
 def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth_ptr, out_ptr,
                        dpart_ptr, cpart_ptr, d_ptr, counts_ptr,
                        C, K, NKB, n_f, p_f, mom, omom, div,
@@ -119,10 +119,11 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
       untracked, no state:   E (w) + E (w_hat)                                  = 2E      (8 fp32, 4 bf16)
       untracked, with state: 2E + 1 (flags) + 4f (ema, read only where frozen)  = 2E+1+4f (9..13 fp32)
       tracked:               read  E (w) + 1 (prev_int) + 1 (flags) + 4 (freq) + 4 (ema)
-                             write E (w_hat) + 1 (prev_int) + 1 (flags) + 4 (freq) + 4(1-f) (ema, not
-                             rewritten where frozen)                   = 2E+20-4f (28 fp32, 24 bf16/fp16 at f=0)
+                             write E (w_hat) + 1 (prev_int) + 1 (flags) + 4 (freq) + 4 (ema)
+                                                                       = 2E+20    (28 fp32, 24 bf16/fp16)
     D and counts add 4 + 8 bytes per program (per BLOCK_C*BLOCK_K elements), nothing per element.
-    (Masked loads/stores move whole 32-byte sectors, so 'where frozen' terms are upper bounds of 4f.)
+    (DRAM moves whole 32-byte sectors: an ema read 'only where frozen' costs 32 bytes per sector of 8 weights
+    holding a frozen one, so 4f is its lower bound, reached when frozen weights cluster.)
     """
     pid = tl.program_id(0)
     kb, rows, rmask, m2, offs = _tile(pid, C, K, NKB, I64, ONE_ROW, BLOCK_C, BLOCK_K)
@@ -173,7 +174,9 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
         tl.store(prev_ptr + offs, w_eff.to(tl.int32).to(tl.int8), mask=m2)
         tl.store(flags_ptr + offs, new_flags.to(tl.int8), mask=m2)
         tl.store(freq_ptr + offs, new_freq, mask=m2)
-        tl.store(ema_ptr + offs, new_ema, mask=m2 & (fz == 0))   # frozen weights keep frozen_int
+        # frozen weights get back the frozen_int just loaded (new_ema == e there): an unpredicated store
+        # vectorises, and a per-weight mask would save no DRAM traffic unless a whole 32-byte sector is frozen
+        tl.store(ema_ptr + offs, new_ema, mask=m2)
         n_sw = tl.sum(tl.sum(tl.where(m2 & switched, 1, 0), axis=1), axis=0)
         n_osc = tl.sum(tl.sum(tl.where(m2 & osc, 1, 0), axis=1), axis=0)
 
@@ -195,7 +198,7 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
             tl.store(cpart_ptr + 2 * pid + 1, n_osc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("C", "NKB"))
 def _weight_bwd_kernel(g_ptr, w_ptr, s_ptr, flags_ptr, ema_ptr, coef_ptr, gw_ptr, gpart_ptr, gs_ptr,
                        C, K, NKB, n_f, p_f, gscale,
                        HAS_STATE: tl.constexpr, TRACKED: tl.constexpr, DAMP: tl.constexpr, FINAL: tl.constexpr,
