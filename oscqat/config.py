@@ -86,7 +86,8 @@ class QATConfig:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"QATConfig.{name} must be a finite number >= 0, got {v!r}")
         check_scale_min(self.scale_min, "QATConfig")
-        if not (isinstance(self.asym_act_tail, (int, float)) and 0 <= self.asym_act_tail <= 1):
+        if isinstance(self.asym_act_tail, bool) or not (isinstance(self.asym_act_tail, (int, float))
+                                                        and 0 <= self.asym_act_tail <= 1):
             raise ValueError(f"QATConfig.asym_act_tail must be a number in [0, 1], got {self.asym_act_tail!r}")
         for name in ("first_layers", "last_layers"):
             v = getattr(self, name)

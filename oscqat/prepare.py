@@ -158,7 +158,7 @@ def _named(patterns, names: list[str], field: str) -> list[str]:
 def _data_flow(model: nn.Module, targets, config: QATConfig, batches) -> Flow:
     """Input/output layers and the activation type feeding each layer, from the float model."""
     layers = {name: m for name, m, _ in targets}
-    if batches:
+    if batches and (config.first_last_bits is not None or config.quantize_activations):
         with batch_statistics(model):
             return traced_flow(model, layers, batches[0])
     if config.first_last_bits is None or (config.first_layers is not None and config.last_layers is not None):
