@@ -132,6 +132,11 @@ def test_tracked_flag_and_momentum_reach_the_kernel():
     # frozen_int 1 against prev_int 0: freezing changed the integer, counted; up against last_dir -1: oscillation
     assert y.tolist() == [1.0, 2.0, 0.0, 3.0] and w.grad.tolist() == [0.0, 2.0, 3.0, 4.0]
     assert q.flags.tolist() == [1 + 4, 1, 0, 0] and q.last_counts.tolist() == [1, 1]
+    # the views of the packed state
+    assert q.frozen().tolist() == [True, False, False, False] and q.frozen_int().tolist() == [1, 0, 0, 0]
+    assert q.last_dir().tolist() == [1, 1, 0, 0]
+    q.scale.data = _t([0.5])
+    assert q.int_weight(_t([0.2, 2.0, -1.3, 3.9])).tolist() == [1, 4, -3, 7]     # x [., 4, -2.6, 7.8 -> 7]
 
 
 def test_momentum_one_minus_m_in_double_through_the_module():
@@ -159,6 +164,90 @@ def test_scale_floor_quantizes_at_the_floor_and_passes_the_gradient_straight_thr
     out.sum().backward()
     assert out.tolist() == [[0.25, 1.0]]
     assert a.scale.grad.item() == pytest.approx((1 - 1.2 + 0.0) / math.sqrt(2 * 7), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind, x, y, gsum", [
+    # 4 bits: weights and signed activations on [-8, 7], unsigned activations on [0, 15]; s = 1. The in-range
+    # test is on the rounded value: -8.6 -> -9 and 7.6 -> 8 are out (no gradient), -0.4 -> -0 is in.
+    # gsum = sum(q - x * in_range): -8 + 7 (the clamped ones); unsigned 0 + 0.4 + 0 + 15
+    ("weight", [-8.0, -8.6, 7.0, 7.6], [-8.0, -8.0, 7.0, 7.0], -1.0),
+    ("signed", [-8.0, -8.6, 7.0, 7.6], [-8.0, -8.0, 7.0, 7.0], -1.0),
+    ("unsigned", [-0.4, -0.6, 15.0, 15.6], [0.0, 0.0, 15.0, 15.0], 15.4)])
+def test_grid_bounds_of_each_quantizer(kind, x, y, gsum):
+    q = WeightQuantizerT((4,), track=False) if kind == "weight" else \
+        oscqat.QuantAct(4, signed=kind == "signed").train()
+    q.scale.data = _t([1.0])
+    q.initialized = True
+    xt = _t(x, grad=True)
+    out = q(xt)
+    out.sum().backward()
+    assert out.tolist() == y and xt.grad.tolist() == [1.0, 0.0, 1.0, 0.0]
+    p = 15 if kind == "unsigned" else 7
+    assert q.scale.grad.item() == pytest.approx(gsum / math.sqrt(4 * p), rel=1e-6)
+
+
+def test_checkpointed_state_is_the_scale_the_threshold_and_the_four_buffers():
+    sd = WeightQuantizerT((2, 3)).state_dict()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in sd.items() if isinstance(v, torch.Tensor)} == {
+        "scale": (torch.float32, (1,)), "prev_int": (torch.int8, (2, 3)), "flags": (torch.int8, (2, 3)),
+        "freq": (torch.float32, (2, 3)), "ema": (torch.float32, (2, 3)), "freeze_threshold": (torch.float32, ())}
+
+
+def test_default_scale_floor_is_1e_6():
+    q = WeightQuantizerT((1,), track=False)
+    q.scale.data = _t([0.0])
+    assert q(_t([3e-6], grad=True)).item() == float(F(F(1e-6) * F(3)))
+    a = oscqat.QuantAct(8, signed=True).train()
+    a.scale.data, a.initialized = _t([-1.0]), True
+    assert a(_t([[-2e-6]])).item() == float(F(F(1e-6) * F(-2)))
+
+
+def test_tracked_forward_that_overwrites_saved_state_fails_the_earlier_backward():
+    # an untracked forward saves flags/ema for its backward; a later tracked forward rewrites them in place:
+    # the earlier backward must be refused by autograd's version check, not run on the new state
+    q = WeightQuantizerT((3,))
+    w = _t([0.1, 0.5, 1.2], grad=True)
+    q(w)
+    y1 = q(w)
+    q.arm()
+    q(w)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y1.sum().backward()
+
+
+def test_dampening_term_left_out_of_the_loss_adds_nothing():
+    cfg = oscqat.QATConfig(4, 4, "dampen", quantize_activations=False)
+    layer = oscqat.QuantLinear(3, 1, bias=False, config=cfg).train()
+    layer.weight.data = _t([[0.3, 1.1, -0.8]])
+    layer.weight_quant.scale.data = _t([0.25])
+    layer(_t([[1.0, 2.0, 3.0]])).sum().backward()          # the layer's D is computed but not used
+    assert layer.weight.grad.tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_without_tracking_nothing_dampens_or_freezes():
+    q = WeightQuantizerT((2,), track=False, dampen=True, freeze=True)
+    assert (q.tracking, q.dampen, q.freeze) == (False, False, False)
+    q(_t([0.3, 0.6], grad=True))
+    assert q.last_damp is None and q.flags is None and q.frozen().tolist() == [False, False]
+
+
+def test_bad_input_is_named_and_checked_in_the_first_training_forward_only():
+    with pytest.raises(ValueError, match="WeightQuantizer: cannot quantize an empty weight"):
+        oscqat.WeightQuantizer((0, 3))
+    with pytest.raises(TypeError, match="^WeightQuantizer: weight must be a floating-point tensor"):
+        WeightQuantizerT((2,))(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="^QuantAct: input must be a floating-point tensor"):
+        oscqat.QuantAct(4)(torch.tensor([[1, 2]]))
+    q = WeightQuantizerT((2,), track=False)
+    with pytest.raises(oscqat.NonFiniteError, match="^WeightQuantizer: weight has 1 NaN"):
+        q(_t([0.3, float("nan")], grad=True))
+    q = WeightQuantizerT((2,), track=False)
+    q(_t([0.3, 0.6], grad=True))                            # the step's first forward: checked, then disarmed
+    assert torch.isnan(q(_t([0.3, float("nan")], grad=True))).tolist() == [False, True]   # not checked again
+    a = oscqat.QuantAct(4, name="blk.input").train()
+    a.initialized = True
+    with pytest.raises(oscqat.NonFiniteError, match="^blk.input: input has 1 Inf"):
+        a(_t([[1.0, float("inf")]]))
 
 
 def test_quant_conv2d_forward_and_every_gradient_by_hand():
@@ -201,15 +290,57 @@ C40 = (1 + math.cos(math.pi / 4)) / 2          # t 40 of 100, warm-up 20: u = 20
 def test_freeze_threshold_and_lambda_schedule(t, f_th, lam):
     for method in ("dampen+freeze", "dampen", "freeze"):
         model = _three_linear(method)
-        sched = oscqat.QATSchedule(model, 100)
-        sched.load_state_dict({"step_count": t - 1, "total_steps": 100})
-        sched.step()
         want_f = f_th if "freeze" in method else 0.0
         want_lam = lam if "dampen" in method else 0.0
+        sched = oscqat.QATSchedule(model, 7)
+        sched.load_state_dict({"step_count": t, "total_steps": 100})        # applies f_th at once
         assert sched.freeze_threshold == pytest.approx(want_f, rel=1e-9, abs=1e-15)
         assert sched.lam == pytest.approx(want_lam, rel=1e-9, abs=1e-15)
-        for q in oscqat.weight_quantizers(model):
-            assert q.freeze_threshold.item() == float(F(want_f)) and q.armed
+        qs = oscqat.weight_quantizers(model)
+        assert [q.freeze_threshold.item() for q in qs] == [float(F(want_f))] * 3
+        # one step from t - 1 gets there too, arms the next forward and projects scales onto their floor
+        sched.load_state_dict({"step_count": t - 1, "total_steps": 100})
+        model(torch.zeros(1, 4)).sum().backward()
+        qs[0].scale.data.fill_(-1.0)
+        assert not any(q.armed for q in qs)
+        sched.step()
+        assert sched.freeze_threshold == pytest.approx(want_f, rel=1e-9, abs=1e-15)
+        assert [q.freeze_threshold.item() for q in qs] == [float(F(want_f))] * 3
+        assert all(q.armed for q in qs) and qs[0].scale.item() == float(F(1e-6))
+
+
+def test_schedule_of_a_single_step():
+    sched = oscqat.QATSchedule(_three_linear("dampen+freeze"), 1)       # warm-up 0.2: w = 0.2, u = 1 at t = 1
+    assert (sched.freeze_threshold, sched.lam) == (0.0, 0.0)
+    sched.step()
+    assert sched.freeze_threshold == pytest.approx(0.01) and sched.lam == pytest.approx(0.1)
+
+
+def test_arm_tracking_arms_every_quantizer():
+    cfg = oscqat.QATConfig(4, 4, "lsq", first_last_bits=None)
+    model = oscqat.prepare(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), cfg, calib_data=[torch.randn(8, 4)],
+                           verbose=False)
+    model(torch.randn(2, 4)).sum().backward()
+    qs = oscqat.quantizers(model)
+    assert len(qs) == 4 and not any(q.armed for q in qs)
+    oscqat.arm_tracking(model)
+    assert all(q.armed for q in qs)
+
+
+def test_dampening_loss_sums_the_layers():
+    # two layers at s 0.5: D1 = (0.2^2 + 0.1^2) / 2, D2 = (0.2^2 + 0.2^2) / 2 (fan-in 2)
+    cfg = oscqat.QATConfig(4, 4, "dampen", quantize_activations=False, first_last_bits=None)
+    model = nn.Sequential(oscqat.QuantLinear(2, 1, bias=False, config=cfg), nn.Linear(1, 2, bias=False),
+                          oscqat.QuantLinear(2, 1, bias=False, config=cfg)).train()
+    for layer, w in ((model[0], [[0.2, 0.9]]), (model[2], [[0.7, -1.2]])):
+        layer.weight.data = _t(w)
+        layer.weight_quant.scale.data = _t([0.5])
+    model(torch.ones(1, 2))
+    assert oscqat.dampening_loss(model).item() == pytest.approx(0.05 / 2 + 0.08 / 2, rel=1e-5)
+    plain = nn.Sequential(oscqat.QuantLinear(2, 1, config=oscqat.QATConfig(4, 4, "lsq", quantize_activations=False)))
+    plain(torch.ones(1, 2))
+    zero = oscqat.dampening_loss(plain)
+    assert zero.dim() == 0 and zero.item() == 0.0
 
 
 def test_transition_target_rate_by_hand():
@@ -219,6 +350,10 @@ def test_transition_target_rate_by_hand():
     assert target_rate(29, 90, 1e-2, 1e-4, "step") == pytest.approx(1e-2, rel=1e-12)
     assert target_rate(31, 90, 1e-2, 1e-4, "step") == pytest.approx(1e-3, rel=1e-12)
     assert target_rate(61, 90, 1e-2, 1e-4, "step") == pytest.approx(1e-4, rel=1e-12)
+    assert (target_rate(0, 1, 0.4, 0.1), target_rate(1, 1, 0.4, 0.1)) == pytest.approx((0.4, 0.1), rel=1e-12)
+    # a zero target (additive rule): the step schedule holds start until the last milestone, then end
+    assert [target_rate(t, 90, 1e-2, 0.0, "step") for t in (31, 61)] == [1e-2, 0.0]
+    assert [target_rate(t, 90, 0.0, 1e-2, "step") for t in (31, 61)] == [0.0, 1e-2]
 
 
 def test_transition_controller_by_hand():
@@ -243,5 +378,5 @@ def test_transition_controller_by_hand():
         mu = mu * (k[t + 2] / k[t + 1]) * math.exp(0.5 * e)
         assert talr.last_rate.item() == pytest.approx(tr, rel=1e-6)
         assert talr.last_rates.tolist() == pytest.approx([sa / 8, sb / 4], rel=1e-6)
-        assert talr.mu.item() == pytest.approx(mu, rel=1e-5)
+        assert talr.mu.dim() == 0 and talr.mu.item() == pytest.approx(mu, rel=1e-5)
         assert talr.lr.item() == pytest.approx(0.02 * mu, rel=1e-5) and opt.param_groups[-1]["lr"] is talr.lr
