@@ -8,9 +8,13 @@
 #      ships the c10/cuda and ATen/cuda headers but not the CMake-generated c10/cuda/impl/cuda_cmake_macros.h;
 #      a stand-in with its one define is put in a temporary include directory. Skipped (with a note) when torch
 #      is not importable.
-# Flags are the build's: -O3 --fmad=false (no fused multiply-add: docs/semantics.md). Override the architecture
-# with CUDA_ARCH (default sm_90) and the compiler with NVCC.
-# Usage: bash csrc/check_cuda_compile.sh        (exit status 0 = both compile)
+#   Step 1 runs for each architecture of CUDA_ARCHS (default "sm_80 sm_90", CI's build list) with ptxas -v: it
+#   prints each kernel's registers and fails on a register spill or a stack frame.
+#   3. With an argument (a built oscqat/_C*.so): cuobjdump --list-elf lists the SASS it holds, and every
+#      architecture of CUDA_ARCHS must be among them.
+# Flags are the build's: -O3 --fmad=false (no fused multiply-add: docs/semantics.md). Override the compiler with
+# NVCC.
+# Usage: bash csrc/check_cuda_compile.sh [path/to/_C.so]        (exit status 0 = all checks pass)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,16 +25,29 @@ if [ -z "$NVCC" ]; then
     else echo "check_cuda_compile: nvcc not found; nothing to check" >&2; exit 0
     fi
 fi
-ARCH=${CUDA_ARCH:-sm_90}
+read -r -a ARCHS <<<"${CUDA_ARCHS:-sm_80 sm_90}"
+ARCH=${ARCHS[-1]}
 PY=${PYTHON:-python}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 flags=(-c -O3 --fmad=false -arch="$ARCH" -Xcompiler -fPIC)
 
 echo "check_cuda_compile: $("$NVCC" --version | tail -1)"
-echo "check_cuda_compile: kernels (csrc/cuda/check_kernels.cu, $ARCH)"
-"$NVCC" "${flags[@]}" -std=c++17 -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ csrc/cuda/check_kernels.cu -o "$tmp/kernels.o"
+for a in "${ARCHS[@]}"; do
+    echo "check_cuda_compile: kernels (csrc/cuda/check_kernels.cu, $a, ptxas -v)"
+    "$NVCC" -c -O3 --fmad=false -arch="$a" -Xcompiler -fPIC -Xptxas -v -std=c++17 -D__CUDA_NO_HALF_OPERATORS__ \
+        -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+        csrc/cuda/check_kernels.cu -o "$tmp/kernels_$a.o" 2>"$tmp/ptxas_$a.log" || { cat "$tmp/ptxas_$a.log"; exit 1; }
+    # ptxas -v: "Compiling entry function '<mangled>' for 'sm_80'" then "Used N registers, ..." and
+    # "N bytes stack frame, N bytes spill stores, N bytes spill loads"
+    awk -v arch="$a" '
+        /Compiling entry function/ { fn = $0; gsub(/.*function .|. for .*/, "", fn) }
+        /bytes stack frame/ { stack = $2 + 0; spill = $6 + $10 }
+        /Used [0-9]+ registers/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^registers/) regs = $i
+            printf "check_cuda_compile: %s %3d registers, stack %d, spills %d  %s\n", arch, regs, stack, spill, fn
+            if (stack || spill) bad = 1 }
+        END { exit bad }' "$tmp/ptxas_$a.log" || { echo "check_cuda_compile: spill or stack frame in a CUDA kernel ($a)" >&2; exit 1; }
+done
 
 if ! incs=$("$PY" -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))" 2>/dev/null); then
     echo "check_cuda_compile: torch not importable; skipped the ATen glue (csrc/cuda/quant_cuda.cu)"
@@ -53,4 +70,15 @@ echo "check_cuda_compile: ATen glue (csrc/cuda/quant_cuda.cu, torch headers$note
 "$NVCC" "${flags[@]}" "${torch_nvcc[@]}" -std=c++20 -DOSCQAT_WITH_CUDA -D_GLIBCXX_USE_CXX11_ABI="$abi" \
     -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
     -diag-suppress 3306 -Xcompiler -Wno-c++20-extensions "${inc_flags[@]}" csrc/cuda/quant_cuda.cu -o "$tmp/glue.o"
+
+if [ $# -ge 1 ]; then
+    CUOBJDUMP=${CUOBJDUMP:-$(dirname "$(command -v "$NVCC")")/cuobjdump}
+    [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$("$PY" -c "import os, triton; print(os.path.join(os.path.dirname(
+        triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))")    # Triton ships one
+    elves=$("$CUOBJDUMP" --list-elf "$1")
+    echo "$elves" | sed "s/^/check_cuda_compile: SASS in $(basename "$1"): /"
+    for a in "${ARCHS[@]}"; do
+        echo "$elves" | grep -q "\.$a\." || { echo "check_cuda_compile: no $a SASS in $1" >&2; exit 1; }
+    done
+fi
 echo "check_cuda_compile: ok"

@@ -329,68 +329,13 @@ def test_check_explains_why_triton_cannot_run():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
-COMPILE_SCRIPT = textwrap.dedent("""
-    import re, sys
-    import triton
-    from triton.compiler import ASTSource
-    from triton.backends.compiler import GPUTarget
-    from oscqat.kernels import _triton as kt
-
-    def build(fn, types, consts, div16=()):
-        sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if a not in consts and (types[a].startswith("*") or a in div16)}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "enable_fp_fusion": False})
-        ptx = k.asm["ptx"]
-        assert not re.search(r"\\bfma\\.", ptx), fn.__name__ + ": fused multiply-add in the PTX"
-        assert not re.search(r"div\\.(full|approx)", ptx), fn.__name__ + ": approximate division in the PTX"
-        return ptx
-
-    F, I = "fp32", "i32"
-    for wdt, track, state, damp, one_row in (("fp32", True, True, True, False), ("bf16", False, True, True, True),
-                                             ("fp16", False, False, False, False), ("bf16", True, True, False, True)):
-        types = dict(w_ptr="*" + wdt, s_ptr="*fp32", prev_ptr="*i8", flags_ptr="*i8", freq_ptr="*fp32",
-                     ema_ptr="*fp32", fth_ptr="*fp32", out_ptr="*" + wdt, dpart_ptr="*fp32", cpart_ptr="*i32",
-                     d_ptr="*fp32", counts_ptr="*i32", C=I, K=I, NKB=I, n_f=F, p_f=F, mom=F, omom=F, div=F)
-        ptx = build(kt._weight_fwd_kernel, types, dict(HAS_STATE=state, TRACK=track, DAMP=damp, FINAL=track,
-                    W_BF16=wdt == "bf16", I64=damp, ONE_ROW=one_row, BLOCK_C=1 if one_row else 32,
-                    BLOCK_K=2048 if one_row else 64), div16=("K",) if wdt == "fp32" else ())
-        assert "div.rn.f32" in ptx
-        types = dict(g_ptr="*" + wdt, w_ptr="*" + wdt, s_ptr="*fp32", flags_ptr="*i8", ema_ptr="*fp32",
-                     coef_ptr="*fp32", gw_ptr="*" + wdt, gpart_ptr="*fp32", gs_ptr="*fp32", C=I, K=I, NKB=I,
-                     n_f=F, p_f=F, gscale=F)
-        build(kt._weight_bwd_kernel, types, dict(HAS_STATE=state, TRACKED=track, DAMP=damp, FINAL=not track,
-              G_BF16=wdt == "bf16", W_BF16=wdt == "bf16", I64=track, ONE_ROW=one_row,
-              BLOCK_C=1 if one_row else 32, BLOCK_K=2048 if one_row else 64))
-        off = wdt != "fp16"
-        types = dict(x_ptr="*" + wdt, s_ptr="*fp32", o_ptr="*fp32", y_ptr="*" + wdt, N=I, n_f=F, p_f=F)
-        build(kt._act_fwd_kernel, types, dict(HAS_OFFSET=off, X_BF16=wdt == "bf16", I64=track, BLOCK=2048))
-        types = dict(g_ptr="*" + wdt, x_ptr="*" + wdt, s_ptr="*fp32", o_ptr="*fp32", gx_ptr="*" + wdt,
-                     part_ptr="*fp32", gs_ptr="*fp32", go_ptr="*fp32", N=I, n_f=F, p_f=F, gscale=F)
-        build(kt._act_bwd_kernel, types, dict(HAS_OFFSET=off, FINAL=damp, G_BF16=wdt == "bf16",
-              X_BF16=wdt == "bf16", I64=False, BLOCK=2048), div16=("N",))
-    for isint, mode, split in ((False, 2, False), (True, 0, False), (False, 1, True)):
-        t = "*i32" if isint else "*fp32"
-        build(kt._finalize_kernel, dict(part_ptr=t, out0_ptr=t, out1_ptr=t, R=I, NC=I, factor=F),
-              dict(MODE=mode, SPLIT=split, IS_INT=isint, BLOCK_R=64, BLOCK_NC=64))
-    print("ok")
-""")
-
-
-def test_kernels_compile_for_gpu_without_fma_or_approximate_division():
-    """Every kernel family compiles for sm_90 (no GPU needed: Triton's bundled ptxas), so nothing in them is
-    interpreter-only; the PTX has no fused multiply-add and only IEEE (div.rn) divisions."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=600)
-    if out.returncode != 0 and ("ImportError" in out.stderr and "ASTSource" in out.stderr):
-        pytest.skip("this triton has another compile API")
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-3000:]
-
-
 # ---------------------------------------------------------------- GPU only
+# Kept for GPU machines; without one, their claims are covered by: parity of the same kernels in the
+# interpreter with the GPU's tile choice and multi-program grids (test_weight_parity_many_programs,
+# test_act_parity_many_programs, test_int64_offsets for the >2^31-element paths) and their compilation for
+# sm_80/90/100 with no spill (tests/test_triton_aot.py, CI's AOT stage); no host-device sync: the launch code
+# runs on meta tensors, where any read of a device value raises (test_triton_aot.py). Only the compiled
+# kernels' own bits on a GPU, and torch.compile on CUDA, need a GPU.
 @gpu
 def test_gpu_parity_on_cuda_tensors():
     gpu_cases = [_wcase(shape=(4097, 3), channels=4097, bits=4, dtype=torch.bfloat16),      # 9 programs
