@@ -87,7 +87,8 @@ def _quantize(x, n_f, p_f):
 @_device
 def _tile(pid, C, K, NKB, I64: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_K: tl.constexpr):
-    if ONE_ROW:     # per-tensor scale (C == 1): offsets start at a known row 0, so loads vectorise for any K
+    if ONE_ROW:     # per-tensor scale (C == 1): offsets are the columns, no multiply by K (loads vectorise
+                    # when Triton sees K % 16 == 0, as for any tile: the mask cols < K decides)
         kb = pid
         rows = tl.arange(0, BLOCK_C)
     else:
