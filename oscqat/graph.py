@@ -127,5 +127,18 @@ def fx_flow(model: nn.Module, layers: dict[str, nn.Module]) -> Flow:
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target in layers]
     layer_in = [(n.target, n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None) for n in calls]
     roots = [n for n in graph.nodes if n.op == "output"]
-    return _flow(layer_in, {n: n.target for n in calls}, roots, lambda n: n.all_input_nodes,
-                 lambda n: n.op == "placeholder", "torch.fx (no calib_data to trace a forward with)")
+    return _flow(layer_in, {n: n.target for n in calls}, roots,
+                 lambda n: [p for p in n.all_input_nodes if not _metadata(p)],
+                 _required_input, "torch.fx (no calib_data to trace a forward with)")
+
+
+def _required_input(n) -> bool:
+    """A forward argument without a default: an optional one (timm's `attn_mask=None`) carries no data."""
+    return n.op == "placeholder" and not n.args
+
+
+def _metadata(n) -> bool:
+    """A read of a tensor's shape, size or dtype: no data flows through it (`B, N, C = x.shape` in attention)."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] in ("shape", "dtype", "device", "ndim")
+    return (n.op == "call_method" and n.target in ("size", "dim")) or (n.op == "call_function" and n.target is len)
