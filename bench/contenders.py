@@ -22,6 +22,9 @@ from oscqat import reference as ref
 
 OSCQAT_BACKENDS = ("torch", "triton", "cuda", "cpp")
 REF = "reference-eager"
+# The C++ ops called directly (torch.ops.oscqat_C.*, no autograd, no module): the same unit of work as the
+# torch.compile contender, which compiles the raw reference ops. Not a library path: excluded from "best oscqat".
+CPP_OP = "oscqat-cpp op"
 COMPILED = "torch.compile(torch-backend)"
 ATEN = "aten-lsq"
 MOMENTUM = 0.001
@@ -40,11 +43,12 @@ def oscqat_name(b: str) -> str:
 def contender_names(device: str) -> list[str]:
     names = [REF, oscqat_name("torch"), COMPILED, ATEN]
     names += [oscqat_name(b) for b in (("triton", "cuda") if device == "cuda" else ("cpp",))]
-    return names
+    return names + ([CPP_OP] if device == "cpu" else [])
 
 
 def is_oscqat_backend(name: str) -> bool:
-    return name.startswith("oscqat-")
+    """A library path (module/Function -> op -> kernel) of an oscqat backend."""
+    return name.startswith("oscqat-") and name != CPP_OP
 
 
 def backend_of(name: str) -> str:

@@ -88,6 +88,14 @@ def loadavg():
         return None
 
 
+def uptime() -> str | None:
+    """`uptime`'s line (load averages over 1, 5, 15 minutes: how shared the machine was)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

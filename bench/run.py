@@ -27,10 +27,12 @@ SIZES = {"4K": 1 << 12, "64K": 1 << 16, "1M": 1 << 20, "16M": 1 << 24}
 KERNEL_OPS = ("weight_fwd_track", "weight_bwd", "act_fwd", "act_bwd")
 OP_TEXT = {"weight_fwd_track": "weight fwd, tracked + freeze + D", "weight_bwd": "weight bwd + dampening",
            "act_fwd": "activation fwd", "act_bwd": "activation bwd", "weightset_step": "MobileNetV2 weight-set step",
-           "e2e_train_step": "MobileNetV2 training step"}
+           "e2e_train_step": "training step", "copy_bw": "copy bandwidth"}
 NOTES = {C.ATEN: "LSQ fake-quant only: no tracking, freezing or dampening (less work than the others)",
          C.REF: "our re-implementation of the published reference code's per-step work",
-         C.COMPILED: "torch.compile (inductor, dynamic shapes) of oscqat.reference's raw ops, no autograd"}
+         C.COMPILED: "torch.compile (inductor, dynamic shapes) of oscqat.reference's raw ops, no autograd",
+         C.CPP_OP: "the C++ op called directly (torch.ops.oscqat_C), no autograd: the unit of work of the compile "
+                   "contender"}
 
 
 def plan(args):
@@ -48,8 +50,8 @@ def plan(args):
                     compile_skip="--quick on CPU: inductor takes ~15 s per op and dtype here (run without --quick)",
                     compile_dtypes=[])
     return dict(sizes=["4K", "64K", "1M", "16M"], weight_dtypes=["fp32", "bf16"], act_dtypes=["fp32", "bf16"],
-                big_weight_dtypes=["fp32"], budget=0.6, min_reps=3, warmup=1, group_min_reps=6,
-                batch=args.batch or 16, res=args.res or 96, compile_skip=None, compile_dtypes=["fp32"])
+                big_weight_dtypes=["fp32", "bf16"], budget=0.6, min_reps=3, warmup=1, group_min_reps=6,
+                batch=args.batch or 8, res=args.res or 160, compile_skip=None, compile_dtypes=["fp32", "bf16"])
 
 
 def log(*a):
@@ -123,6 +125,7 @@ class Runner:
         self.weightset(names)
         self.e2e()
         self.meta["loadavg_end"] = H.loadavg()
+        self.meta["uptime_end"] = H.uptime()
         self.meta["wall_s"] = round(time.perf_counter() - self.t0, 1)
         self.meta["compile_log"] = C.COMPILE_LOG
         self.meta["backends_available_at_end"] = {
@@ -143,9 +146,9 @@ class Runner:
                     case = (W.WeightCase if op.startswith("weight") else W.ActCase)(numel, dtype, self.device)
                     build = W.build_weight if op.startswith("weight") else W.build_act
                     base = dict(workload=op, dtype=dname, size=size, numel=numel)
-                    for name in names:
-                        self.measure(base, name, lambda: build(name, op, case, self.device), numel,
-                                     W.bytes_per_elem(op, dtype))
+                    # interleaved: on a shared machine the load drifts; each row's ratios come from one window
+                    self.measure_group([(base, name, (lambda name=name: build(name, op, case, self.device)))
+                                        for name in names], numel, W.bytes_per_elem(op, dtype), p["min_reps"])
                     del case
 
     def measure_group(self, items, numel=None, bpe=None, min_reps=None):
@@ -156,11 +159,16 @@ class Runner:
             if contender in NOTES:
                 rec["note"] = NOTES[contender]
             try:
-                fn = build()
                 if contender == C.COMPILED:
-                    if self.p["compile_skip"]:
-                        raise C.Skip(self.p["compile_skip"])
-                    rec["first_call_s"] = round(C.first_call(fn, f"{base['workload']} {base['size']}"), 3)
+                    why = self.p["compile_skip"]
+                    if why is None and base.get("dtype") not in self.p["compile_dtypes"]:
+                        why = f"compile limited to {self.p['compile_dtypes']} in this mode (time budget)"
+                    if why:
+                        raise C.Skip(why)
+                fn = build()
+                if contender == C.COMPILED or base.get("compiled"):
+                    rec["first_call_s"] = round(C.first_call(
+                        fn, f"{base['workload']} {base.get('arch', '')} {base.get('dtype', '')} {base['size']}"), 3)
                 fns[contender] = fn
             except C.Skip as e:
                 rec.update(status="skipped", reason=str(e))
@@ -198,27 +206,67 @@ class Runner:
         case = W.WeightSetCase(self.device)
         self.meta["weightset"] = dict(layers=case.n_layers, numel=case.numel)
         base = dict(workload="weightset_step", dtype="fp32", size=f"{case.numel / 1e6:.2f}M", numel=case.numel)
-        self.measure_group([(base, name, (lambda name=name: W.build_weightset(name, case, self.device)))
-                            for name in names], case.numel, W.bytes_per_elem("weightset_step", torch.float32),
+        if self.device == "cuda":
+            self.measure_group([(base, name, (lambda name=name: W.build_weightset(name, case, self.device)))
+                                for name in names], case.numel, W.bytes_per_elem("weightset_step", torch.float32),
+                               self.p["group_min_reps"])
+            return
+        # CPU: every contender at 1 thread and at all the machine's cores, and the copy bandwidth at both, timed
+        # round-robin in one group, so that each "% of copy" divides numbers from the same window of load.
+        home = torch.get_num_threads()
+        counts = sorted({1, os.cpu_count() or 1})
+        n = (256 << 20) // 4
+        src = torch.randn(n)
+        dst = torch.empty_like(src)
+        items = []
+        for k in counts:
+            items.append((dict(workload="copy_bw", dtype="fp32", size="256MB", numel=n, threads=k), f"copy {k}t",
+                          (lambda k=k: _threads(k, lambda: dst.copy_(src)))))
+            for name in names:
+                items.append((dict(base, threads=k), f"{name} {k}t",
+                              (lambda name=name, k=k: _threads(k, W.build_weightset(name, case, self.device)))))
+        self.measure_group(items, case.numel, W.bytes_per_elem("weightset_step", torch.float32),
                            self.p["group_min_reps"])
+        torch.set_num_threads(home)
+        recs = [r for r in self.records if r["workload"] in ("copy_bw", "weightset_step")]
+        for r in recs:
+            r["contender"] = r["contender"].rsplit(" ", 1)[0]
+        copy = {r["threads"]: 2 * n * 4 / (r["median_ms"] * 1e-3) / 1e9 for r in recs
+                if r["workload"] == "copy_bw" and r["status"] == "ok"}
+        for r in recs:
+            if r["workload"] == "copy_bw" and r["status"] == "ok":
+                r.update(gbps=copy[r["threads"]], bytes_per_elem=8, pct_copy_bw=100.0)
+                r.pop("pct_peak_bw", None)
+            elif r["status"] == "ok" and r.get("threads") in copy:
+                r["pct_copy_bw"] = 100 * r["gbps"] / copy[r["threads"]]
+        self.meta["weightset"]["copy_gbps_by_threads"] = copy
 
     def e2e(self):
         p = self.p
-        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"], model="oscqat.app.models.mobilenet_v2()",
-                                config="W4A4 per-tensor, 8-bit first/last, SGD")
-        backends = [b for b in (("triton", "cuda", "torch") if self.device == "cuda" else ("cpp", "torch"))]
-        base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}")
-        items = [(dict(base, variant="fp32", backend=None), "fp32",
-                  lambda: W.build_e2e("fp32", None, self.device, p["batch"], p["res"]))]
-        for b in backends:
-            for variant in ("lsq", "dampen+freeze"):
-                items.append((dict(base, variant=variant, backend=b), f"oscqat-{b}/{variant}",
-                              (lambda b=b, variant=variant: W.build_e2e(variant, b, self.device, p["batch"], p["res"]))))
-        self.measure_group(items, min_reps=p["group_min_reps"])
+        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"], models=[f"torchvision.models.{a}()" for a in W.E2E_ARCHS],
+                                config="W4A4 per-tensor, 8-bit first/last, SGD",
+                                compiled="the model under torch.compile (inductor)" if self.args.e2e_compile else "no")
+        # CPU: the cpp backend only (the torch backend's step is 2-3x the float one; it would double the run)
+        backends = ("triton", "cuda", "torch") if self.device == "cuda" else ("cpp",)
+        for arch in W.E2E_ARCHS:
+            for compiled in ((False, True) if self.args.e2e_compile else (False,)):
+                base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}", arch=arch,
+                            compiled=compiled)
+                tag = f"{arch}{' compiled' if compiled else ''}"
+                items = [(dict(base, variant="fp32", backend=None), f"{tag} fp32",
+                          lambda arch=arch, compiled=compiled: W.build_e2e("fp32", None, self.device, p["batch"],
+                                                                           p["res"], arch, compiled))]
+                for b in backends:
+                    for variant in (("dampen+freeze",) if compiled else ("lsq", "dampen+freeze")):
+                        items.append((dict(base, variant=variant, backend=b), f"{tag} oscqat-{b}/{variant}",
+                                      (lambda b=b, variant=variant, arch=arch, compiled=compiled:
+                                       W.build_e2e(variant, b, self.device, p["batch"], p["res"], arch, compiled))))
+                self.measure_group(items, min_reps=p["group_min_reps"])
 
     def metadata(self):
         return dict(device=self.device, device_name=H.device_name(self.device), versions=H.versions(),
-                    date=H.now_iso(), loadavg_start=H.loadavg(), torch_threads=torch.get_num_threads(),
+                    date=H.now_iso(), loadavg_start=H.loadavg(), uptime_start=H.uptime(),
+                    torch_threads=torch.get_num_threads(),
                     quick=self.args.quick, command=" ".join(["python", "bench/run.py"] + sys.argv[1:]),
                     plan={k: v for k, v in self.p.items()},
                     bytes_model={k: v[0] for k, v in W.BYTES_MODEL.items()},
@@ -228,14 +276,22 @@ class Runner:
 
 # ================================================================ ratios and targets
 def _key(r):
-    return (r["workload"], r.get("dtype"), r.get("size"))
+    return (r["workload"], r.get("dtype"), r.get("size"), r.get("threads"))
+
+
+def _threads(k: int, fn):
+    """fn, run with k torch threads (the weight-set group alternates thread counts call by call)."""
+    def run():
+        torch.set_num_threads(k)
+        return fn()
+    return run
 
 
 def add_ratios(records):
     """Per workload: the fastest oscqat backend, and how many times faster it is than each contender."""
     groups: dict = {}
     for r in records:
-        if r["workload"] != "e2e_train_step":
+        if r["workload"] not in ("e2e_train_step", "copy_bw"):
             groups.setdefault(_key(r), []).append(r)
     for rs in groups.values():
         ok = [r for r in rs if r["status"] == "ok"]
@@ -243,16 +299,20 @@ def add_ratios(records):
         if not ours:
             continue
         best = min(ours, key=lambda r: r["median_ms"])
+        op = next((r for r in ok if r["contender"] == C.CPP_OP), None)
         for r in ok:
             r["best_oscqat"] = best["contender"]
             r["best_oscqat_speedup"] = r["median_ms"] / best["median_ms"]
+            if op is not None:
+                r["cpp_op_speedup"] = r["median_ms"] / op["median_ms"]
     e2e = [r for r in records if r["workload"] == "e2e_train_step" and r["status"] == "ok"]
-    fp32 = next((r for r in e2e if r["variant"] == "fp32"), None)
     for r in e2e:
+        same = [x for x in e2e if x.get("arch") == r.get("arch") and x.get("compiled") == r.get("compiled")]
+        fp32 = next((x for x in same if x["variant"] == "fp32"), None)
         if fp32:
             r["ratio_vs_fp32"] = r["median_ms"] / fp32["median_ms"]
         if r["variant"] == "dampen+freeze":
-            lsq = next((x for x in e2e if x["variant"] == "lsq" and x["backend"] == r["backend"]), None)
+            lsq = next((x for x in same if x["variant"] == "lsq" and x["backend"] == r["backend"]), None)
             if lsq:
                 r["ratio_vs_lsq"] = r["median_ms"] / lsq["median_ms"]
 
@@ -291,13 +351,25 @@ def targets(records, device):
             if r["workload"] == "e2e_train_step" and "ratio_vs_lsq" in r:
                 add(f"e2e {r['contender']} / lsq", r["ratio_vs_lsq"], "<= 1.05x", r["ratio_vs_lsq"] <= 1.05)
     else:
+        for r in (x for x in ws if x["contender"] in ("oscqat-cpp", C.CPP_OP) and "pct_copy_bw" in x):
+            add(f"CPU weight-set step, {r['contender']}, {r['threads']} thread(s): % of the copy bandwidth at "
+                f"the same thread count", r["pct_copy_bw"], ">= 60", r["pct_copy_bw"] >= 60)
         cpp, tb = _find(records, "weightset_step", "oscqat-cpp"), _find(records, "weightset_step", "oscqat-torch")
         if cpp and tb:
             v = tb["median_ms"] / cpp["median_ms"]
-            add("CPU weight-set step: oscqat-cpp vs oscqat-torch", v, ">= 3x", v >= 3)
-        else:
-            add("CPU weight-set step: oscqat-cpp vs oscqat-torch", None, ">= 3x", None,
-                "owed: the cpp backend is not available in this run")
+            add("CPU weight-set step: oscqat-cpp vs oscqat-torch (1 thread)", v, ">= 3x", v >= 3)
+        kern = [r for r in records if r["workload"] in KERNEL_OPS and r["contender"] == C.COMPILED
+                and r["status"] == "ok"]
+        for who, field in ((C.CPP_OP, "cpp_op_speedup"), ("oscqat-cpp (library path, autograd)", "best_oscqat_speedup")):
+            vals = [r[field] for r in kern if field in r]
+            if vals:
+                add(f"kernel rows: {who} vs torch.compile(torch-backend), worst row of {len(vals)}", min(vals),
+                    ">= 1x on every row", min(vals) >= 1,
+                    f"{sum(v >= 1 for v in vals)} of {len(vals)} rows met")
+        for r in records:
+            if r["workload"] == "e2e_train_step" and r.get("variant") == "dampen+freeze" and "ratio_vs_fp32" in r:
+                goal = 1.3 if r.get("compiled") else 1.5
+                add(f"e2e {r['contender']} / fp32", r["ratio_vs_fp32"], f"< {goal}x", r["ratio_vs_fp32"] < goal)
         add("GPU targets (kernels >= 85% HBM BW at 16M; weight-set >= 10x reference-eager, >= 2x compile, "
             ">= 2x ATen; e2e dampen+freeze <= 1.05x lsq)", None, "see README", None,
             "owed: not measurable on a CPU run; run `python bench/run.py --device cuda`")
@@ -324,6 +396,7 @@ def markdown(meta, records, tgts) -> str:
     L.append(f"Command: `{m['command']}`  ")
     L.append(f"Date: {m['date']}; wall {m.get('wall_s')} s; load average at start {m['loadavg_start']}, "
              f"at end {m.get('loadavg_end')}  ")
+    L.append(f"`uptime` at start: `{m.get('uptime_start')}`; at end: `{m.get('uptime_end')}`  ")
     v = m["versions"]
     L.append(f"Device: {m['device_name']}; torch {v['torch']}, triton {v['triton']}, python {v['python']}, "
              f"git {v.get('git_commit')}  ")
@@ -342,9 +415,10 @@ def markdown(meta, records, tgts) -> str:
     if kern:
         names = list(dict.fromkeys(r["contender"] for r in kern))
         L.append("## Kernels: median ms (effective GB/s from the bytes model)\n")
-        L.append("| op | dtype | size | " + " | ".join(names) + " | best oscqat | speedup vs " +
-                 ", ".join(n for n in names if not C.is_oscqat_backend(n)) + " |")
-        L.append("|" + "---|" * (len(names) + 5))
+        others = [n for n in names if not C.is_oscqat_backend(n) and n != C.CPP_OP]
+        L.append("| op | dtype | size | " + " | ".join(names) + " | best oscqat | speedup vs " + ", ".join(others) +
+                 " | compile / cpp op |")
+        L.append("|" + "---|" * (len(names) + 6))
         for key in dict.fromkeys(_key(r) for r in kern):
             rs = {r["contender"]: r for r in kern if _key(r) == key}
             cells = []
@@ -358,9 +432,11 @@ def markdown(meta, records, tgts) -> str:
                     cells.append(f"{fmt(r['median_ms'], 3)} ({fmt(r.get('gbps'), 1)})")
             any_ok = next((r for r in rs.values() if "best_oscqat" in r), None)
             sp = ", ".join(fmt(rs[n].get("best_oscqat_speedup")) + "x" if n in rs and rs[n]["status"] == "ok" else "–"
-                           for n in names if not C.is_oscqat_backend(n))
+                           for n in others)
+            comp = rs.get(C.COMPILED, {})
             L.append(f"| {OP_TEXT[key[0]]} | {key[1]} | {key[2]} | " + " | ".join(cells) +
-                     f" | {any_ok['best_oscqat'] if any_ok else '–'} | {sp} |")
+                     f" | {any_ok['best_oscqat'] if any_ok else '–'} | {sp} | "
+                     f"{fmt(comp['cpp_op_speedup']) + 'x' if 'cpp_op_speedup' in comp else '–'} |")
         L.append("")
     L.append(weightset_table(records, meta))
     L.append(e2e_table(records, meta))
@@ -390,21 +466,25 @@ def markdown(meta, records, tgts) -> str:
 
 
 def weightset_table(records, meta) -> str:
-    ws = [r for r in records if r["workload"] == "weightset_step"]
+    ws = [r for r in records if r["workload"] in ("weightset_step", "copy_bw")]
     if not ws:
         return ""
     info = meta.get("weightset", {})
     L = [f"## MobileNetV2 weight set, one QAT step ({info.get('layers')} tensors, {info.get('numel')} weights; "
          "tracked fwd + freeze + D, bwd + dampening)\n",
-         "| contender | median ms | p25–p75 ms | GB/s | % peak BW | peak mem MB | best oscqat speedup |",
-         "|---|---|---|---|---|---|---|"]
+         "All rows (both thread counts, and the copy) timed round-robin in one group. % copy BW: effective GB/s "
+         "over the copy's GB/s at the same thread count.\n",
+         "| contender | threads | median ms | p25–p75 ms | GB/s | % copy BW | peak mem MB | best oscqat speedup |",
+         "|---|---|---|---|---|---|---|---|"]
     for r in ws:
         if r["status"] != "ok":
-            L.append(f"| {r['contender']} | {r['status']}: {r.get('reason', '')[:80]} | | | | | |")
+            L.append(f"| {r['contender']} | {r.get('threads', '')} | {r['status']}: {r.get('reason', '')[:80]} "
+                     f"| | | | | |")
             continue
-        L.append(f"| {r['contender']} | {fmt(r['median_ms'])} | {fmt(r['p25_ms'])}–{fmt(r['p75_ms'])} | "
-                 f"{fmt(r.get('gbps'), 1)} | {fmt(r.get('pct_peak_bw'), 1)} | {fmt(r.get('peak_mem_mb'), 1)} | "
-                 f"{fmt(r.get('best_oscqat_speedup'))}x |")
+        sp = fmt(r.get("best_oscqat_speedup")) + "x" if "best_oscqat_speedup" in r else ""
+        L.append(f"| {r['contender']} | {r.get('threads', '')} | {fmt(r['median_ms'])} | "
+                 f"{fmt(r['p25_ms'])}–{fmt(r['p75_ms'])} | {fmt(r.get('gbps'), 1)} | "
+                 f"{fmt(r.get('pct_copy_bw', r.get('pct_peak_bw')), 1)} | {fmt(r.get('peak_mem_mb'), 1)} | {sp} |")
     return "\n".join(L) + "\n"
 
 
@@ -413,8 +493,9 @@ def e2e_table(records, meta) -> str:
     if not e:
         return ""
     info = meta.get("e2e", {})
-    L = [f"## End-to-end MobileNetV2 training step (batch {info.get('batch')} at {info.get('res')}x{info.get('res')}, "
-         f"{info.get('config')})\n",
+    L = [f"## End-to-end training step, torchvision models (batch {info.get('batch')} at "
+         f"{info.get('res')}x{info.get('res')}, {info.get('config')}; torch.compile: {info.get('compiled')})\n",
+         "Each model's (and mode's) variants timed round-robin in one group.\n",
          "| variant | median ms | p25–p75 ms | vs fp32 | dampen+freeze / lsq | peak mem MB |",
          "|---|---|---|---|---|---|"]
     for r in e:
@@ -443,13 +524,13 @@ def plot(meta, records, path):
                 big = max(rs, key=lambda r: r["numel"])["size"]
                 panels.append((f"{OP_TEXT[op]}, {d}, {big}", [r for r in rs if r["size"] == big]))
     panels.append(("MobileNetV2 weight-set QAT step", [r for r in ok if r["workload"] == "weightset_step"]))
-    panels.append(("MobileNetV2 training step", [r for r in ok if r["workload"] == "e2e_train_step"]))
+    panels.append(("training steps (torchvision)", [r for r in ok if r["workload"] == "e2e_train_step"]))
     panels = [p for p in panels if p[1]]
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
     for ax, (title, rs) in zip(axes.flat, panels):
-        labels = [r["contender"] for r in rs]
+        labels = [r["contender"] + (f" {r['threads']}t" if r.get("threads") else "") for r in rs]
         vals = [r["median_ms"] for r in rs]
         colors = ["tab:green" if C.is_oscqat_backend(x) else "tab:gray" for x in labels]
         ax.barh(range(len(rs)), vals, color=colors)
@@ -481,6 +562,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="end-to-end batch size")
     ap.add_argument("--res", type=int, default=None, help="end-to-end input resolution")
     ap.add_argument("--skip-kernels", action="store_true", help="only the weight-set and end-to-end steps")
+    ap.add_argument("--e2e-compile", action="store_true",
+                    help="also time the end-to-end steps with the model under torch.compile (minutes of compiling)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

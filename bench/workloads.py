@@ -72,9 +72,22 @@ class WeightCase:
         self.alt = C.Alternate(self.ws)
 
 
+def _cpp_ops(device):
+    C.check_backend("cpp", device)
+    return torch.ops.oscqat_C
+
+
 def build_weight(contender: str, op: str, case: WeightCase, device: str):
     c = case
     st = c.state
+    if contender == C.CPP_OP:
+        ops = _cpp_ops(device)
+        s = c.scale.detach()
+        if op == "weight_fwd_track":
+            return lambda: ops.weight_fwd_track(c.alt().detach(), s, st["prev_int"], st["flags"], st["freq"], st["ema"],
+                                                c.f_th, WN, WP, C.MOMENTUM, True, c.div)
+        w0 = c.ws[0].detach()
+        return lambda: ops.weight_bwd(c.g, w0, s, st["flags"], st["ema"], c.gD, WN, WP, c.gs, True, c.div, True)
     if contender == C.REF:
         tracker = C.RefTracker()
         tracker.init_state(**c.raw)
@@ -97,6 +110,9 @@ def build_weight(contender: str, op: str, case: WeightCase, device: str):
                                        WN, WP, C.MOMENTUM, True, c.div, c.gs, b)
         if op == "weight_fwd_track":
             return fwd
+        # The graph's own copy of the state: the contenders of a row are built first, then timed round-robin, and
+        # another contender's tracked forward on shared state would invalidate this graph (autograd's version check).
+        st = {k: v.clone() for k, v in st.items()}
         w_hat, d, _ = WeightQuantFn.apply(c.ws[0], c.scale, st["flags"], st["ema"], (st["prev_int"], st["freq"]),
                                           c.f_th, WN, WP, C.MOMENTUM, True, c.div, c.gs, b)
         return lambda: torch.autograd.grad([w_hat, d], [c.ws[0], c.scale], [c.g, c.gD], retain_graph=True)
@@ -140,6 +156,13 @@ class ActCase:
 
 def build_act(contender: str, op: str, case: ActCase, device: str):
     c = case
+    if contender == C.CPP_OP:
+        ops = _cpp_ops(device)
+        s = c.scale.detach()
+        if op == "act_fwd":
+            return lambda: ops.act_fwd(c.alt().detach(), s, None, AN, AP)
+        x0 = c.xs[0].detach()
+        return lambda: ops.act_bwd(c.g, x0, s, None, AN, AP, c.gs)
     if contender == C.REF:
         q = C.RefLSQQuantizer(c.scale.detach(), AN, AP, c.shape[1]).to(device)
         if op == "act_fwd":
@@ -252,6 +275,20 @@ def build_weightset(contender: str, c: WeightSetCase, device: str):
                 return torch.autograd.grad(outs + [damp], ws + scales, c.gs_list + [lam])
         return step
 
+    if contender == C.CPP_OP:
+        ops = _cpp_ops(device)
+        gsc = [1.0 / math.sqrt(p[0].numel() * WP) for p in c.pairs]
+        f_th = torch.tensor(C.F_TH, device=device)
+
+        def step():      # in training order: every forward, then the backwards in reverse
+            ws = [w.detach() for w in c.weights()]
+            for w, s, st, div in zip(ws, c.scales, c.states, c.fan_ins):
+                ops.weight_fwd_track(w, s, st["prev_int"], st["flags"], st["freq"], st["ema"], f_th, WN, WP,
+                                     C.MOMENTUM, True, float(div))
+            for w, s, st, g, div, gs in reversed(list(zip(ws, c.scales, c.states, c.gs_list, c.fan_ins, gsc))):
+                ops.weight_bwd(g, w, s, st["flags"], st["ema"], lam, WN, WP, gs, True, float(div), True)
+        return step
+
     if contender == C.COMPILED:
         fwd, bwd = C.compiled("weight_fwd_track"), C.compiled("weight_bwd")
         f_th = torch.tensor(C.F_TH, device=device)
@@ -286,16 +323,23 @@ def build_weightset(contender: str, c: WeightSetCase, device: str):
     raise C.Skip(f"unknown contender {contender}")
 
 
-# ====================================================================== end-to-end MobileNetV2 training step
+# ====================================================================== end-to-end training step
 E2E_VARIANTS = ("fp32", "lsq", "dampen+freeze")
+E2E_ARCHS = ("mobilenet_v2", "resnet18")
 
 
-def build_e2e(variant: str, backend: str | None, device: str, batch: int, res: int, seed=0):
-    """One SGD step of MobileNetV2 (W4A4 per-tensor, 8-bit first/last as QATConfig's default): forward, loss
-    (+ lam * dampening_loss), backward, optimizer step, QATSchedule.step(). The schedule is placed mid-training
-    (past warm-up) so that freezing and dampening are on."""
+def build_e2e(variant: str, backend: str | None, device: str, batch: int, res: int, arch: str = "mobilenet_v2",
+              compiled: bool = False, seed=0):
+    """One SGD step of a torchvision model (W4A4 per-tensor, 8-bit first/last as QATConfig's default): forward,
+    loss (+ lam * dampening_loss), backward, optimizer step, QATSchedule.step(). The schedule is placed
+    mid-training (past warm-up) so that freezing and dampening are on. `compiled`: the model's forward (and so its
+    backward) under torch.compile (inductor); the loss, optimizer and schedule stay eager."""
+    try:
+        import torchvision
+    except ImportError as e:
+        raise C.Skip(f"torchvision is not installed ({e})") from e
     torch.manual_seed(seed)
-    model = models.mobilenet_v2().to(device).train()
+    model = getattr(torchvision.models, arch)().to(device).train()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, res, res, generator=gen).to(device)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
@@ -307,15 +351,16 @@ def build_e2e(variant: str, backend: str | None, device: str, batch: int, res: i
         # No calib_data: activation scales take the LSQ init from the first training batch (the timer's warm-up).
         # (Calibrating a freshly initialised model runs it in eval mode with untrained BatchNorm statistics, which
         # gives ~1e-8 scales deep in the net and a negative scale after one SGD step.)
-        oscqat.prepare(model, cfg)
+        oscqat.prepare(model, cfg, verbose=False)
         sched = oscqat.QATSchedule(model, 100_000, cfg)
         sched.load_state_dict({"step_count": 50_000, "total_steps": 100_000})
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
+    fwd = torch.compile(model) if compiled else model
 
     def step():
         ctx = oscqat.use_backend(backend) if backend else _null()
         with ctx:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(fwd(x), y)
             if sched is not None and sched.lam > 0:
                 loss = loss + sched.lam * oscqat.dampening_loss(model)
             loss.backward()
