@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="only the first N mutants (a smoke run)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--keep", action="store_true", help="keep the copy and the per-mutant logs")
+    ap.add_argument("--only-survivors", default="", metavar="JSON",
+                    help="run only the mutants that survived in this earlier --json output (same sources)")
     args = ap.parse_args(argv)
 
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
@@ -256,6 +258,10 @@ def main(argv=None) -> int:
     for f in files:
         trees[f], found = sites(ROOT / "oscqat" / f, SCOPE[f])
         all_sites += found
+    if args.only_survivors:
+        keys = {(s["file"], s["node"], s["k"], s["desc"]) for s in json.loads(Path(args.only_survivors).read_text())
+                if s["outcome"] == "survived"}
+        all_sites = [s for s in all_sites if (s["file"], s["node"], s["k"], s["desc"]) in keys]
     if args.limit:
         all_sites = all_sites[:args.limit]
     if args.list:

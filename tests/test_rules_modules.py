@@ -71,18 +71,19 @@ def test_dampening_divisor_is_the_fan_in(reduction, div):
     assert layer.weight_quant.scale.grad.item() == 0.0
 
 
-@pytest.mark.parametrize("signed, shape, feats", [(True, (2, 2), 2), (True, (2, 1, 2), 2), (True, (4,), 4),
-                                                  (False, (1, 4), 4)])
-def test_activation_gradient_scale_uses_features_per_sample(signed, shape, feats):
+@pytest.mark.parametrize("signed, shape, feats, lsq", [(True, (2, 2), 2, True), (True, (2, 1, 2), 2, True),
+                                                       (True, (4,), 4, True), (False, (1, 4), 4, True),
+                                                       (True, (2, 2), 2, False)])
+def test_activation_gradient_scale_uses_features_per_sample(signed, shape, feats, lsq):
     # o 0.3, s 0.5: xs = [-0.4, 8, -8.6, 2] -> R [-0, 8, -9, 2]. Signed (p 7): in range [1, 0, 0, 1], q [0, 7, -8, 2];
     # unsigned (p 15): in range [1, 1, 0, 1], q [0, 8, 0, 2]. gs = 1 / sqrt(F p), F = numel / batch.
-    a = oscqat.QuantAct(4, signed=signed, offset=True).train()
+    a = oscqat.QuantAct(4, signed=signed, offset=True, lsq_grad_scale=lsq).train()
     a.scale.data, a.offset.data, a.initialized = _t([0.5]), _t([0.3]), True
     x = _t([0.1, 4.3, -4.0, 1.3]).reshape(shape).requires_grad_()
     g = _t([1.0, 2.0, -1.0, 0.5]).reshape(shape)
     (a(x) * g).sum().backward()
     p = 7 if signed else 15
-    gs = 1 / math.sqrt(feats * p)
+    gs = 1 / math.sqrt(feats * p) if lsq else 1.0
     if signed:
         assert x.grad.flatten().tolist() == [1.0, 0.0, 0.0, 0.5]
         assert a.offset.grad.item() == pytest.approx(gs * (2.0 - 1.0), rel=1e-6)
@@ -95,8 +96,13 @@ def test_activation_gradient_scale_uses_features_per_sample(signed, shape, feats
 
 def test_activation_scale_lsq_init_from_the_first_training_batch():
     a = oscqat.QuantAct(4, signed=True).train()
+    with pytest.raises(oscqat.NonFiniteError):
+        a(_t([[1.0, float("nan")]]))
+    assert a.scale.item() == 1.0 and not a.initialized     # a NaN batch initialises nothing
     a(_t([[1.0, -3.0], [2.0, 0.0]]))
     assert a.scale.item() == pytest.approx(2 * 1.5 / math.sqrt(7), rel=1e-6)     # 2 mean|x| / sqrt(p)
+    a(_t([[10.0, 10.0]]))
+    assert a.scale.item() == pytest.approx(2 * 1.5 / math.sqrt(7), rel=1e-6)     # once only
     z = oscqat.QuantAct(3, signed=False).train()
     z(torch.zeros(2, 3))
     assert z.scale.item() == pytest.approx(1 / 7)                                  # all zero: 1 / p
@@ -136,7 +142,7 @@ def test_tracked_flag_and_momentum_reach_the_kernel():
     assert q.frozen().tolist() == [True, False, False, False] and q.frozen_int().tolist() == [1, 0, 0, 0]
     assert q.last_dir().tolist() == [1, 1, 0, 0]
     q.scale.data = _t([0.5])
-    assert q.int_weight(_t([0.2, 2.0, -1.3, 3.9])).tolist() == [1, 4, -3, 7]     # x [., 4, -2.6, 7.8 -> 7]
+    assert q.int_weight(_t([0.2, 2.0, -1.1, 3.9])).tolist() == [1, 4, -2, 7]     # x [., 4, -2.2, 7.8 -> 7]
 
 
 def test_momentum_one_minus_m_in_double_through_the_module():
@@ -196,10 +202,11 @@ def test_checkpointed_state_is_the_scale_the_threshold_and_the_four_buffers():
 def test_default_scale_floor_is_1e_6():
     q = WeightQuantizerT((1,), track=False)
     q.scale.data = _t([0.0])
-    assert q(_t([3e-6], grad=True)).item() == float(F(F(1e-6) * F(3)))
+    # x = 1e-5 / 1e-6 = 10 -> clamped at p = 7 (another floor gives another value)
+    assert q(_t([1e-5], grad=True)).item() == float(F(F(1e-6) * F(7)))
     a = oscqat.QuantAct(8, signed=True).train()
     a.scale.data, a.initialized = _t([-1.0]), True
-    assert a(_t([[-2e-6]])).item() == float(F(F(1e-6) * F(-2)))
+    assert a(_t([[-1e-3]])).item() == float(F(F(1e-6) * F(-128)))
 
 
 def test_tracked_forward_that_overwrites_saved_state_fails_the_earlier_backward():
@@ -380,3 +387,8 @@ def test_transition_controller_by_hand():
         assert talr.last_rates.tolist() == pytest.approx([sa / 8, sb / 4], rel=1e-6)
         assert talr.mu.dim() == 0 and talr.mu.item() == pytest.approx(mu, rel=1e-5)
         assert talr.lr.item() == pytest.approx(0.02 * mu, rel=1e-5) and opt.param_groups[-1]["lr"] is talr.lr
+        opt.param_groups[-1]["lr"] = 0.5                     # as an LR scheduler does: the next step() re-binds
+    m(torch.zeros(1, 4)).sum().backward()                    # a training forward disarms; step() arms again
+    assert not any(q.armed for q in qs)
+    talr.step()
+    assert all(q.armed for q in qs) and opt.param_groups[-1]["lr"] is talr.lr
