@@ -16,9 +16,12 @@ from torchvision.models.detection.backbone_utils import mobilenet_backbone
 import oscqat
 
 QUANT = (oscqat.QuantConv2d, oscqat.QuantLinear)
-# fold_bn: the folded model's outputs equal the unfolded quantized model's up to fp32 rounding, which an
-# activation quantizer can turn into one step where an input sits at a rounding edge
-FOLD_TOL = 1e-3          # of the largest |output|
+# fold_bn: each folded layer's output equals the unfolded layer + BatchNorm on the same input up to fp32 rounding
+# (this tolerance, of the largest |output|), with identical integers. End to end the models agree until an
+# activation quantizer's input sits within that rounding of a rounding edge, where it becomes one step; after
+# that a 4-bit network can amplify it (EfficientNet-B0 at 32x32: 1 of 36864 activations of one layer, then one
+# sample's logits by 0.32).
+FOLD_TOL = 1e-4
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -224,6 +227,37 @@ def _freeze_some(q, every=5):
     return mask
 
 
+def _check_fold(ref, model, pairs, run):
+    """`run(m)` runs the eval forward. Every folded layer against the unfolded layer + BatchNorm on the inputs it
+    saw, and the activations of both models: identical, or diverging at one quantizer by one step in at most
+    1e-4 of its elements, from an input within FOLD_TOL (fp32 rounding)."""
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach()))
+             for n, _ in pairs]
+    acts = {}
+    for tag, m in (("ref", ref), ("fold", model)):
+        hooks += [q.register_forward_hook(lambda q, a, out, tag=tag: acts.setdefault(tag, []).append(
+            (q.layer_name, a[0].detach(), out.detach(), q.scale.item()))) for q in oscqat.quantizers(m)
+            if isinstance(q, oscqat.QuantAct)]
+    with torch.no_grad():
+        run(ref)
+        run(model)
+        for h in hooks:
+            h.remove()
+        for name, bn_name in pairs:
+            x = seen[name]
+            want = ref.get_submodule(bn_name)(ref.get_submodule(name)(x))
+            got = model.get_submodule(name)(x)
+            assert (got - want).abs().max() <= FOLD_TOL * want.abs().max(), name
+    assert len(acts["ref"]) == len(acts["fold"]) > 0
+    for (name, x0, y0, s), (_, x1, y1, _) in zip(acts["ref"], acts["fold"]):
+        if not torch.equal(y0, y1):
+            steps = (y0 - y1).abs() / s
+            assert (x0 - x1).abs().max() <= FOLD_TOL * x0.abs().max(), name
+            assert int((steps > 0).sum()) <= max(1, 1e-4 * y0.numel()) and steps.max() < 1.01, name
+            break
+
+
 def test_fold_bn_rescales_the_quantizers_and_keeps_the_integers():
     model, xs = _tiny()
     _train(model, xs, target=torch.ones(4, 19, 80))
@@ -239,7 +273,8 @@ def test_fold_bn_rescales_the_quantizers_and_keeps_the_integers():
     ema = conv.weight_quant.ema.clone()
     model.eval()
     ref = copy.deepcopy(model)
-    assert oscqat.fold_bn(model) == [("stem.0", "stem.1"), ("stage.0", "stage.1")]
+    pairs = oscqat.fold_bn(model)
+    assert pairs == [("stem.0", "stem.1"), ("stage.0", "stage.1")]
     assert isinstance(model.stage[1], nn.Identity) and isinstance(model.stem[1], nn.Identity)
     q = conv.weight_quant
     assert q.per_channel and q.scale.shape == (16,)
@@ -249,9 +284,9 @@ def test_fold_bn_rescales_the_quantizers_and_keeps_the_integers():
     assert torch.equal(q.frozen(), frozen)
     assert torch.equal(q.ema, ema * sign)                     # frozen integers (and the EMA) follow the sign
     x = torch.randn(4, 3, 16, 16)
+    _check_fold(ref, model, pairs, lambda m: m(x))
     with torch.no_grad():
-        want, got = ref(x), model(x)
-    assert (got - want).abs().max() <= FOLD_TOL * want.abs().max()
+        assert torch.equal(ref(x), model(x))                   # measured: identical here
 
 
 def test_fold_bn_refuses_what_it_cannot_fold_exactly():
@@ -325,13 +360,6 @@ DETECTORS = {
 }
 
 
-def _head_outputs(model, images):
-    model.eval()
-    with torch.no_grad():
-        batch, _ = model.transform(images)
-        return model.head(list(model.backbone(batch.tensors).values()))
-
-
 @pytest.mark.models
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_detector_trains_with_its_own_loss_and_folds(name):
@@ -366,11 +394,11 @@ def test_detector_trains_with_its_own_loss_and_folds(name):
         assert type(m) is nn.Conv2d and torch.equal(m.weight, w), n
     assert bool(fixed) == (name.startswith("fcos"))
 
-    ref = _head_outputs(copy.deepcopy(model), images)
-    assert oscqat.fold_bn(model)
-    got = _head_outputs(model, images)
-    for k in ref:
-        assert (got[k] - ref[k]).abs().max() <= FOLD_TOL * ref[k].abs().max(), k
+    ref = copy.deepcopy(model)
+    pairs = oscqat.fold_bn(model)
+    assert len(pairs) == sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules()) - \
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 10
+    _check_fold(ref, model, pairs, lambda m: m(images))
 
 
 CLASSIFIERS = {"mobilenet_v3_small": "Hardswish", "efficientnet_b0": "SiLU"}
@@ -399,7 +427,8 @@ def test_classifier_with_hardswish_or_silu(name):
     oscqat.reestimate_bn(model, xs)
     model.eval()
     with torch.no_grad():
-        ref = model(xs[0])
-        assert torch.isfinite(ref).all()
-        assert oscqat.fold_bn(model)
-        assert (model(xs[0]) - ref).abs().max() <= FOLD_TOL * ref.abs().max()
+        assert torch.isfinite(model(xs[0])).all()
+    ref = copy.deepcopy(model)
+    pairs = oscqat.fold_bn(model)
+    assert len(pairs) > 10
+    _check_fold(ref, model, pairs, lambda m: m(xs[0]))
