@@ -7,7 +7,8 @@ float atomics, no host-device synchronisation.
 Rules every kernel follows, so that integers, masks, states, w_hat, activation outputs, dL/dw and dL/dx are
 bit-identical to the `torch` reference backend (on GPU and under TRITON_INTERPRET=1):
 - all arithmetic in fp32; launched with `enable_fp_fusion=False` (no a*b+c contraction);
-- r = 1/s by `tl.fdiv(..., ieee_rounding=True)` (div.rn on NVIDIA; Triton's plain `/` is div.full there);
+- r = 1/s by `tl.div_rn` (div.rn.f32 on NVIDIA in every supported Triton; plain `/` is div.full, and
+  Triton 3.6 compiles `tl.fdiv(..., ieee_rounding=True)` to div.full too);
 - round half to even without libdevice (`_round_half_even`, via `tl.floor`);
 - bf16 is widened and narrowed with integer bit operations (the interpreter's own fp32->bf16 cast truncates);
   fp16/fp64 use Triton's casts (round to nearest even on GPU and in the interpreter);
@@ -129,7 +130,7 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
     pid = tl.program_id(0)
     kb, rows, rmask, m2, offs = _tile(pid, C, K, NKB, I64, ONE_ROW, BLOCK_C, BLOCK_K)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
-    r = tl.fdiv(tl.full([BLOCK_C], 1.0, tl.float32), s, ieee_rounding=True)
+    r = tl.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), s)
     s2 = s[:, None]
     w = _widen(tl.load(w_ptr + offs, mask=m2, other=0.0), W_BF16)
     x = w * r[:, None]
@@ -183,7 +184,7 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
 
     if FINAL:
         if DAMP:
-            tl.store(d_ptr, tl.fdiv(dsum, div, ieee_rounding=True))
+            tl.store(d_ptr, tl.div_rn(dsum, div))
         else:
             tl.store(d_ptr, 0.0)
         if TRACK:
@@ -215,7 +216,7 @@ def _weight_bwd_kernel(g_ptr, w_ptr, s_ptr, flags_ptr, ema_ptr, coef_ptr, gw_ptr
     pid = tl.program_id(0)
     kb, rows, rmask, m2, offs = _tile(pid, C, K, NKB, I64, ONE_ROW, BLOCK_C, BLOCK_K)
     s = tl.load(s_ptr + rows, mask=rmask, other=1.0)
-    r = tl.fdiv(tl.full([BLOCK_C], 1.0, tl.float32), s, ieee_rounding=True)
+    r = tl.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), s)
     s2 = s[:, None]
     g = _widen(tl.load(g_ptr + offs, mask=m2, other=0.0), G_BF16)
     w = _widen(tl.load(w_ptr + offs, mask=m2, other=0.0), W_BF16)
@@ -269,7 +270,7 @@ def _act_fwd_kernel(x_ptr, s_ptr, o_ptr, y_ptr, N, n_f, p_f,
     pid = tl.program_id(0)
     offs, m = _act_block(pid, N, I64, BLOCK)
     s = tl.load(s_ptr + tl.arange(0, 1))
-    r = tl.fdiv(tl.full([1], 1.0, tl.float32), s, ieee_rounding=True)
+    r = tl.div_rn(tl.full([1], 1.0, tl.float32), s)
     x = _widen(tl.load(x_ptr + offs, mask=m, other=0.0), X_BF16)
     if HAS_OFFSET:
         o = tl.load(o_ptr + tl.arange(0, 1))
@@ -294,7 +295,7 @@ def _act_bwd_kernel(g_ptr, x_ptr, s_ptr, o_ptr, gx_ptr, part_ptr, gs_ptr, go_ptr
     pid = tl.program_id(0)
     offs, m = _act_block(pid, N, I64, BLOCK)
     s = tl.load(s_ptr + tl.arange(0, 1))
-    r = tl.fdiv(tl.full([1], 1.0, tl.float32), s, ieee_rounding=True)
+    r = tl.div_rn(tl.full([1], 1.0, tl.float32), s)
     g = _widen(tl.load(g_ptr + offs, mask=m, other=0.0), G_BF16)
     x = _widen(tl.load(x_ptr + offs, mask=m, other=0.0), X_BF16)
     if HAS_OFFSET:
@@ -339,7 +340,7 @@ def _finalize_kernel(part_ptr, out0_ptr, out1_ptr, R, NC, factor,
     if MODE == 1:
         acc = acc * factor
     elif MODE == 2:
-        acc = tl.fdiv(acc, tl.full([BLOCK_NC], factor, tl.float32), ieee_rounding=True)
+        acc = tl.div_rn(acc, tl.full([BLOCK_NC], factor, tl.float32))
     if SPLIT:
         tl.store(out0_ptr + cols, acc, mask=cols == 0)
         tl.store(out1_ptr + (cols - 1), acc, mask=cols == 1)
