@@ -18,7 +18,7 @@ def arm_tracking(model: nn.Module) -> None:
     It also accepts the weights as they are now (oscqat/weight_check.py)."""
     for q in quantizers(model):
         q.arm()
-    weight_check.record(m for _, m in quant_layers(model))
+    weight_check.record((m for _, m in quant_layers(model)), force=True)
 
 
 def scales_at_floor(model: nn.Module) -> torch.Tensor:

@@ -21,10 +21,16 @@ def checksum(w: torch.Tensor) -> torch.Tensor:
     return w.detach().sum(dtype=torch.float32)
 
 
-def record(layers) -> None:
-    """Record the checksum of each layer's weight (after a legitimate update)."""
+def record(layers, force: bool = False) -> None:
+    """Record the checksum of each layer's weight (after a legitimate update). A weight whose version counter
+    has not moved since its last record is skipped: the optimizer's hook and QATSchedule.step() both record
+    after the same step, and the sum is a pass over every weight. `force`: record all (a change through
+    `.data` does not move the version counter)."""
     for m in layers:
-        m.weight_quant.weight_ref = checksum(m.weight)
+        q, version = m.weight_quant, m.weight._version
+        if force or q.weight_ref is None or getattr(q, "weight_ref_version", None) != version:
+            q.weight_ref = checksum(m.weight)
+            q.weight_ref_version = version
 
 
 def changed(ref: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -326,8 +326,7 @@ def test_a_weight_changed_behind_the_quantizers_back_is_an_error():
 
     model, xs = _tiny()
     _train(model, xs, steps=2)
-    with torch.no_grad():
-        model.box[0].weight.mul_(1.5)                          # a deliberate change, accepted
+    model.box[0].weight.data.mul_(1.5)                         # a deliberate change, accepted
     oscqat.arm_tracking(model)
     _train(model, xs, steps=2)
     model.load_state_dict(_tiny(seed=1)[0].state_dict())      # a load replaces the weights legitimately
