@@ -3,6 +3,8 @@ quantizer with it, so the folded model computes what the unfolded one did (docs/
 BatchNorm"). A framework's own fuse() changes the weights but not the scales or the frozen integers."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -25,7 +27,7 @@ def _pairs(model: nn.Module):
         if not isinstance(seq, nn.Sequential):
             continue
         kids = list(seq.named_children())
-        for (a_name, a), (b_name, b) in zip(kids, kids[1:]):
+        for (a_name, a), (b_name, b) in itertools.pairwise(kids):
             if isinstance(a, _QuantLayer) and _foldable(b):
                 prefix = f"{seq_name}." if seq_name else ""
                 yield prefix + a_name, a, prefix + b_name, seq, b_name
@@ -34,9 +36,10 @@ def _pairs(model: nn.Module):
 @torch.no_grad()
 def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BatchNorm (nn.BatchNorm1d/2d/3d, torchvision's FrozenBatchNorm2d) that directly follows a
-    quantized layer in an nn.Sequential (torchvision's and timm's conv-norm blocks) into that layer, in place, using the BatchNorm's running statistics (as in eval), and
-    replace it by nn.Identity. Returns the (layer, BatchNorm) pairs folded; other BatchNorms are left as they
-    are. Per output channel c, with k = gamma / sqrt(running_var + eps):
+    quantized layer in an nn.Sequential (torchvision's and timm's conv-norm blocks) into that layer, in place,
+    using the BatchNorm's running statistics (as in eval), and replace it by nn.Identity. Returns the (layer,
+    BatchNorm) pairs folded; other BatchNorms are left as they are. Per output channel c, with
+    k = gamma / sqrt(running_var + eps):
 
         weight[c] *= k;  bias[c] = (bias[c] - running_mean[c]) * k + beta[c];  scale[c] = scale * |k|
 
@@ -98,7 +101,7 @@ def _fold(layer, bn, name: str, bn_name: str) -> None:
         q.scale.copy_(scale)
     else:
         q.per_channel = True
-        q.scale = nn.Parameter(scale)
+        q.scale = nn.Parameter(scale, requires_grad=q.scale.requires_grad)
         if q.grad_scale != 1.0:          # 1.0 exactly only with the LSQ gradient scale switched off
             q.grad_scale = 1.0 / (w[0].numel() * q.qmax) ** 0.5
     if q.flags is not None and bool(neg.any()):
