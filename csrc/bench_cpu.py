@@ -9,7 +9,7 @@ import time
 import torch
 
 from oscqat import cpp_backend, reference
-from oscqat.models import mobilenet_v2
+from oscqat.app.models import mobilenet_v2
 
 
 def weight_set(per_channel: bool, bits: int = 4):
