@@ -348,6 +348,7 @@ def test_dampening_loss_sums_the_layers():
     plain(torch.ones(1, 2))
     zero = oscqat.dampening_loss(plain)
     assert zero.dim() == 0 and zero.item() == 0.0
+    assert oscqat.dampening_loss(nn.ReLU()).item() == 0.0         # no parameters at all
 
 
 def test_transition_target_rate_by_hand():
@@ -358,6 +359,7 @@ def test_transition_target_rate_by_hand():
     assert target_rate(31, 90, 1e-2, 1e-4, "step") == pytest.approx(1e-3, rel=1e-12)
     assert target_rate(61, 90, 1e-2, 1e-4, "step") == pytest.approx(1e-4, rel=1e-12)
     assert (target_rate(0, 1, 0.4, 0.1), target_rate(1, 1, 0.4, 0.1)) == pytest.approx((0.4, 0.1), rel=1e-12)
+    assert target_rate(0, 0, 0.4, 0.1) == pytest.approx(0.1, rel=1e-12)       # a schedule of no steps is at its end
     # a zero target (additive rule): the step schedule holds start until the last milestone, then end
     assert [target_rate(t, 90, 1e-2, 0.0, "step") for t in (31, 61)] == [1e-2, 0.0]
     assert [target_rate(t, 90, 0.0, 1e-2, "step") for t in (31, 61)] == [0.0, 1e-2]
