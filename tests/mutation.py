@@ -72,7 +72,7 @@ def _walk(tree: ast.Module):
     def visit(node, qual, stack):
         yield node, qual
         for field, value in ast.iter_fields(node):
-            if field in ("decorator_list", "returns", "annotation", "type_comment", "args"):
+            if field in ("decorator_list", "returns", "annotation", "type_comment") or isinstance(value, ast.arguments):
                 continue
             children = value if isinstance(value, list) else [value]
             for i, child in enumerate(children):
