@@ -70,6 +70,8 @@ PLANS = {
     "d": [("small-mobilenet", "W4A4", m, (0,)) for m in ("lsq", "dampen-cos", "freeze-cos", "tr")]
     + [("small-mobilenet", "W3A3", m, (0,)) for m in ("lsq", "dampen-cos", "freeze-cos", "tr")]
     + [("small-mobilenet", s, m, (1, 2)) for s in ("W4A4", "W3A3") for m in ("lsq", "dampen-cos", "freeze-cos", "tr")],
+    # plan d's W3A3 seeds from the other end, for a second process beside `run --plan d`
+    "d2": [("small-mobilenet", "W3A3", m, (1, 2)) for m in ("tr", "freeze-cos", "dampen-cos", "lsq")],
     # the order used on the shared CPU: one seed of every key cell first, then more seeds
     "q1": [("small-mobilenet", "W3A32", "lsq", (0,)), ("small-mobilenet", "W3A32", "freeze-cos", (0,))],
     "q2a": [("small-resnet", "W3A32", "lsq", (0,)), ("small-mobilenet", "W3A32", "dampen-cos", (0,)),
