@@ -31,6 +31,17 @@ static inline double sum_block(const float* __restrict t, int64_t len) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + tail;
 }
 
+// bf16/fp16 <-> fp32 for a block, with c10's conversions (widening is exact; narrowing rounds to nearest even).
+template <typename T>
+static inline void widen(int64_t len, const T* __restrict src, float* __restrict buf) {
+  for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+static inline void narrow(int64_t len, const float* __restrict buf, T* __restrict dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(buf[i]);
+}
+
 // ------------------------------------------------------------------------------------------ fused cores
 // Untracked weight forward: w_hat (as fp32) and, with DAMP, the dampening terms err^2.
 template <bool STATE, bool DAMP>

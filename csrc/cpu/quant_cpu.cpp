@@ -37,12 +37,14 @@ constexpr int64_t GRAIN_ELEMS = 1 << 18;  // elements per thread, at least: belo
 constexpr int64_t SUB = 256;         // elements per pass of the tracked core (its buffers stay in L1)
 
 // ------------------------------------------------------------------------------------------ dtype plumbing
-template <typename T>
+// bf16/fp16 blocks are widened and narrowed by the ISA build's own loops (K::widen, K::narrow): compiled here,
+// at the baseline ISA, they ran 16 bytes at a time and made the bf16 rows slower than inductor's.
+template <typename K, typename T>
 static inline const float* load_block(const T* __restrict src, int64_t len, float* __restrict buf) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(src[i]);
+    K::widen(len, src, buf);
     return buf;
   }
 }
@@ -56,11 +58,9 @@ static inline float* out_block(T* dst, float* buf) {
   }
 }
 
-template <typename T>
+template <typename K, typename T>
 static inline void store_block(const float* __restrict buf, int64_t len, T* __restrict dst) {
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(buf[i]);  // round to nearest even
-  }
+  if constexpr (!std::is_same_v<T, float>) K::narrow(len, buf, dst);
 }
 
 template <typename F>
@@ -149,11 +149,11 @@ std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Ten
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = sp.begin(t), len = sp.len(t);
               const float s = sc[sp.channel(t)], r = 1.0f / s;
-              const float* wf = load_block<T>(wp + b, len, wbuf);
+              const float* wf = load_block<K, T>(wp + b, len, wbuf);
               float* o = out_block<T>(op_ + b, obuf);
               K::template wfwd_core<decltype(ST)::value, decltype(DA)::value>(
                   len, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, o, tbuf);
-              store_block<T>(o, len, op_ + b);
+              store_block<K, T>(o, len, op_ + b);
               if constexpr (decltype(DA)::value) dpart[t] = K::sum_block(tbuf, len);
             }
           });
@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t b = sp.begin(t), len = sp.len(t);
             const float s = sc[sp.channel(t)], r = 1.0f / s;
-            const float* wf = load_block<T>(wp + b, len, wbuf);
+            const float* wf = load_block<K, T>(wp + b, len, wbuf);
             float* o = out_block<T>(op_ + b, obuf);
             int64_t nsw = 0, nosc = 0;
             for (int64_t j = 0; j < len; j += SUB) {
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
                                                            oscb);
               K::track_encode(l, weffb, nflb, swb, oscb, pv + e, fl + e, nsw, nosc);
             }
-            store_block<T>(o, len, op_ + b);
+            store_block<K, T>(o, len, op_ + b);
             cpart[2 * t] = nsw;
             cpart[2 * t + 1] = nosc;
             if constexpr (decltype(DA)::value) dpart[t] = K::sum_block(tbuf, len);
@@ -278,12 +278,12 @@ std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Ten
                 for (int64_t t = t0; t < t1; ++t) {
                   const int64_t b = sp.begin(t), len = sp.len(t);
                   const float s = sc[sp.channel(t)], r = 1.0f / s;
-                  const float* gf = load_block<TG>(gp + b, len, gbuf);
-                  const float* wf = load_block<TW>(wp + b, len, wbuf);
+                  const float* gf = load_block<K, TG>(gp + b, len, gbuf);
+                  const float* wf = load_block<K, TW>(wp + b, len, wbuf);
                   float* o = out_block<TG>(gwp + b, obuf);
                   K::template wbwd_core<decltype(ST)::value, decltype(TR)::value, decltype(DA)::value>(
                       len, gf, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, coef, o, tbuf);
-                  store_block<TG>(o, len, gwp + b);
+                  store_block<K, TG>(o, len, gwp + b);
                   part[t] = K::sum_block(tbuf, len);
                 }
               });
@@ -334,10 +334,10 @@ at::Tensor act_fwd(const at::Tensor& x, const at::Tensor& scale, const std::opti
           float xbuf[BLOCK], obuf[BLOCK];
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t b = sp.begin(t), len = sp.len(t);
-            const float* xf = load_block<T>(xp + b, len, xbuf);
+            const float* xf = load_block<K, T>(xp + b, len, xbuf);
             float* ob = out_block<T>(yp + b, obuf);
             K::template afwd_core<decltype(OF)::value>(len, xf, s, r, o, nf, pf, ob);
-            store_block<T>(ob, len, yp + b);
+            store_block<K, T>(ob, len, yp + b);
           }
         });
       });
@@ -378,11 +378,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_bwd(const at::Tensor& g, cons
             float gbuf[BLOCK], xbuf[BLOCK], obuf[BLOCK], tsb[BLOCK], tob[BLOCK];
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = sp.begin(t), len = sp.len(t);
-              const float* gf = load_block<TG>(gp + b, len, gbuf);
-              const float* xf = load_block<TX>(xp + b, len, xbuf);
+              const float* gf = load_block<K, TG>(gp + b, len, gbuf);
+              const float* xf = load_block<K, TX>(xp + b, len, xbuf);
               float* ob = out_block<TG>(gxp + b, obuf);
               K::template abwd_core<decltype(OF)::value>(len, gf, xf, r, o, nf, pf, ob, tsb, tob);
-              store_block<TG>(ob, len, gxp + b);
+              store_block<K, TG>(ob, len, gxp + b);
               ps[t] = K::sum_block(tsb, len);
               if constexpr (decltype(OF)::value) po[t] = K::sum_block(tob, len);
             }
