@@ -145,6 +145,16 @@ def test_tracked_flag_and_momentum_reach_the_kernel():
     assert q.int_weight(_t([0.2, 2.0, -1.1, 3.9])).tolist() == [1, 4, -2, 7]     # x [., 4, -2.2, 7.8 -> 7]
 
 
+def test_uninitialised_state_decodes_to_not_frozen_and_no_direction():
+    q = WeightQuantizerT((3,))
+    assert q.flags.tolist() == [-128] * 3
+    assert q.frozen().tolist() == [False] * 3 and q.last_dir().tolist() == [0] * 3
+    assert q.frozen_int().tolist() == [0] * 3 and q.last_counts.tolist() == [0, 0]
+    pc = WeightQuantizerT((2, 3), per_channel=True, track=False)
+    pc.scale.data = _t([0.5, 0.25])
+    assert pc.int_weight(_t(W)).tolist() == [[1, 2, -2], [2, 7, -1]]      # per-channel scales, clamped at p
+
+
 def test_momentum_one_minus_m_in_double_through_the_module():
     q = WeightQuantizerT((1,), momentum=0.058)
     q.scale.data = _t([1.0])
