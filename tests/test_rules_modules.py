@@ -103,6 +103,10 @@ def test_activation_scale_lsq_init_from_the_first_training_batch():
     assert a.scale.item() == pytest.approx(2 * 1.5 / math.sqrt(7), rel=1e-6)     # 2 mean|x| / sqrt(p)
     a(_t([[10.0, 10.0]]))
     assert a.scale.item() == pytest.approx(2 * 1.5 / math.sqrt(7), rel=1e-6)     # once only
+    b = oscqat.QuantAct(4, signed=True, offset=True).train()
+    assert b.scale.tolist() == [1.0] and b.offset.tolist() == [0.0]              # before any data
+    b(_t([[0.5, -0.25]]))
+    assert b.scale.item() == pytest.approx(2 * 0.375 / math.sqrt(7), rel=1e-6) and b.offset.item() == 0.0
     z = oscqat.QuantAct(3, signed=False).train()
     z(torch.zeros(2, 3))
     assert z.scale.item() == pytest.approx(1 / 7)                                  # all zero: 1 / p
