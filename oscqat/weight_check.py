@@ -2,7 +2,7 @@
 the conv weights, while the weight quantizer's scale and frozen integers still describe the old weights.
 
 After every optimizer step (and `QATSchedule.step()`, `oscqat.arm_tracking`) each quantized layer records a
-checksum of its weight, the fp32 sum (a 0-d device tensor, no sync). The next step's first training forward
+checksum of its weight, the int64 sum of its bit patterns (a 0-d device tensor, no sync). The next step's first training forward
 recomputes it and raises (CPU) or flags (accelerators: raised after the next optimizer step, as the NaN/Inf
 check) when they differ. Loading a state_dict, moving the model (`.to`) and `oscqat.fold_bn` forget it."""
 from __future__ import annotations
@@ -17,8 +17,14 @@ class WeightChangedError(RuntimeError):
 WEIGHT_CHANGED = 2          # value of a quantizer's `nonfinite` flag that means "weight changed"
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def checksum(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().sum(dtype=torch.float32)
+    """The int64 sum of the weight's bit patterns: integer addition is associative, so eager and a compiled
+    graph (another reduction order) agree exactly, where an fp32 sum differed in its last bits under
+    torch.compile and raised a false WeightChangedError."""
+    return w.detach().view(_BITS[w.element_size()]).sum(dtype=torch.int64)
 
 
 def record(layers, force: bool = False) -> None:
@@ -34,9 +40,8 @@ def record(layers, force: bool = False) -> None:
 
 
 def changed(ref: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """0-d bool device tensor: the weight's checksum differs from `ref` (a NaN/Inf weight is the finite check's)."""
-    now = checksum(w)
-    return (now != ref) & torch.isfinite(now)
+    """0-d bool device tensor: the weight's checksum differs from `ref`."""
+    return checksum(w) != ref
 
 
 def message(name: str) -> str:
