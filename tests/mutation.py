@@ -117,7 +117,7 @@ def _mutations(node):
         new = ast.Or if isinstance(node.op, ast.And) else ast.And
         out.append((f"{type(node.op).__name__} -> {new.__name__}", lambda n, new=new: setattr(n, "op", new())))
     if isinstance(node, ast.IfExp):
-        out.append(("swap if/else branches", lambda n: (setattr(n, "body", n.orelse), setattr(n, "orelse", n.body))))
+        out.append(("`a if c else b` -> `b`", lambda n: setattr(n, "body", n.orelse)))
     if isinstance(node, ast.Constant) and not isinstance(node.value, str) and node.value is not None:
         v = node.value
         if isinstance(v, bool):
@@ -259,9 +259,9 @@ def main(argv=None) -> int:
         trees[f], found = sites(ROOT / "oscqat" / f, SCOPE[f])
         all_sites += found
     if args.only_survivors:
-        keys = {(s["file"], s["node"], s["k"], s["desc"]) for s in json.loads(Path(args.only_survivors).read_text())
+        keys = {(s["file"], s["node"], s["k"]) for s in json.loads(Path(args.only_survivors).read_text())
                 if s["outcome"] == "survived"}
-        all_sites = [s for s in all_sites if (s["file"], s["node"], s["k"], s["desc"]) in keys]
+        all_sites = [s for s in all_sites if (s["file"], s["node"], s["k"]) in keys]
     if args.limit:
         all_sites = all_sites[:args.limit]
     if args.list:

@@ -269,6 +269,10 @@ def test_bad_input_is_named_and_checked_in_the_first_training_forward_only():
     a.initialized = True
     with pytest.raises(oscqat.NonFiniteError, match="^blk.input: input has 1 Inf"):
         a(_t([[1.0, float("inf")]]))
+    a = oscqat.QuantAct(4, offset=True, name="blk.input").train()
+    a.initialized, a.offset.data = True, _t([float("nan")])
+    with pytest.raises(oscqat.NonFiniteError, match="^blk.input: offset has 1 NaN"):
+        a(_t([[1.0, 2.0]]))
 
 
 def test_quant_conv2d_forward_and_every_gradient_by_hand():
