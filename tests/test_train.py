@@ -80,7 +80,7 @@ def test_oscillation_percentage_is_in_the_measured_range(tmp_path, fp_ckpt):
     [1.5, 7] keep a factor 2 from the measured values on either side and exclude every wrong tracker."""
     out = tmp_path / "lsq"
     assert main(["train", *TINY, "--fp-epochs", "3", "--fp-checkpoint", fp_ckpt, "--epochs", "1", "--method", "lsq",
-                 "--momentum", "0.1", "--no-plots", "--record-last", "0", "--out", str(out)]) == 0
+                 "--momentum", "0.1", "--no-plots", "--no-export", "--record-last", "0", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["steps"] == 22 and rep["frozen_pct"] == 0.0
     assert 1.5 <= rep["osc_pct"] <= 7.0, rep["osc_pct"]
@@ -93,7 +93,7 @@ def test_fp_accuracy_is_measured_with_reestimated_bn(tmp_path, capsys):
     fp = tmp_path / "fp.pt"
     args = ["train", "--dataset", "digits", "--threads", "1", "--batch-size", "128", "--fp-epochs", "3",
             "--fp-checkpoint", str(fp), "--epochs", "1", "--calib-batches", "2", "--bn-batches", "20", "--no-plots",
-            "--record-last", "0", "--quiet"]
+            "--no-export", "--record-last", "0", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["fp_acc"] > 60, rep["fp"]
@@ -120,7 +120,7 @@ def test_committed_fp_checkpoint_is_used_unless_none(tmp_path, monkeypatch, caps
     from oscqat.app import models
     fp = tmp_path / "committed.pt"
     base = ["train", *TINY[:-1], "--subset", "200", "--test-subset", "100", "--epochs", "1", "--no-plots",
-            "--record-last", "0"]
+            "--no-export", "--record-last", "0"]
     assert main([*base, "--fp-epochs", "1", "--fp-checkpoint", str(fp), "--quiet", "--out", str(tmp_path / "a")]) == 0
     monkeypatch.setattr(models, "fp_checkpoint", lambda model, dataset: fp if dataset == "digits" else None)
     capsys.readouterr()
@@ -143,7 +143,8 @@ def test_auto_dataset_is_recorded_and_eval_refuses_another(tmp_path, fp_ckpt, mo
     capsys.readouterr()
     assert main(["train", "--dataset", "auto", "--threads", "1", "--batch-size", "64", "--calib-batches", "2",
                  "--bn-batches", "4", "--fp-epochs", "3", "--fp-checkpoint", fp_ckpt, "--subset", "640",
-                 "--test-subset", "200", "--epochs", "1", "--log-every", "3", "--no-plots", "--out", str(out)]) == 0
+                 "--test-subset", "200", "--epochs", "1", "--log-every", "3", "--no-plots", "--no-export",
+                 "--out", str(out)]) == 0
     log = capsys.readouterr().out
     for line in ("data: digits (", "prepare: done in", "qat 1/1: step 3/10", "BN re-estimation over 4 training "
                  "batches: done in", "digits: fp acc"):
@@ -171,7 +172,8 @@ def test_resume_continues_identically(tmp_path, fp_ckpt):
     common = [*TINY, "--fp-epochs", "3", "--fp-checkpoint", fp_ckpt, "--subset", "320", "--test-subset", "200",
               "--epochs", "2",
               "--w-bits", "3", "--a-bits", "4", "--method", "dampen+freeze", "--warmup", "0", "--momentum", "0.2",
-              "--freeze-start", "0.3", "--freeze-end", "0.1", "--damp-lambda", "0.05", "--seed", "3", "--no-plots"]
+              "--freeze-start", "0.3", "--freeze-end", "0.1", "--damp-lambda", "0.05", "--seed", "3", "--no-plots",
+              "--no-export"]
     assert main(["train", *common, "--out", str(tmp_path / "a")]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "b"), "--stop-after-epoch", "1"]) == 0
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
