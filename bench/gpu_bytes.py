@@ -116,7 +116,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--markdown")
     a = ap.parse_args(argv)
-    out = [f"# GPU bytes per element (from PTX) and a roofline ESTIMATE", "",
+    out = ["# GPU bytes per element (from PTX) and a roofline ESTIMATE", "",
            f"{datetime.date.today()}, {platform.node() or 'host'} ({platform.machine()}, {os.cpu_count()} CPUs, "
            f"no GPU), torch {torch.__version__}, triton {aot.triton.__version__}; "
            f"command: `python bench/gpu_bytes.py --markdown {a.markdown or '-'}`", "",

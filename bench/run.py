@@ -147,7 +147,7 @@ class Runner:
                     build = W.build_weight if op.startswith("weight") else W.build_act
                     base = dict(workload=op, dtype=dname, size=size, numel=numel)
                     # interleaved: on a shared machine the load drifts; each row's ratios come from one window
-                    self.measure_group([(base, name, (lambda name=name: build(name, op, case, self.device)))
+                    self.measure_group([(base, name, (lambda name=name, case=case: build(name, op, case, self.device)))
                                         for name in names], numel, W.bytes_per_elem(op, dtype), p["min_reps"])
                     del case
 
