@@ -19,9 +19,9 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import weight_check
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 _QUANTIZERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()     # WeightQuantizer and QuantAct
 _LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()         # QuantConv1d/2d, QuantLinear
