@@ -69,30 +69,37 @@ class Runner:
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------ one measurement
+    def _skip_compile(self, base: dict, contender: str) -> None:
+        """Raise C.Skip for a compiled contender this mode does not compile."""
+        if contender != C.COMPILED:
+            return
+        why = self.p["compile_skip"]
+        if why is None and base.get("dtype") not in self.p["compile_dtypes"]:
+            why = f"compile limited to {self.p['compile_dtypes']} in this mode (time budget)"
+        if why:
+            raise C.Skip(why)
+
+    def _add_bandwidth(self, rec: dict, numel: int | None, bpe: int | None) -> None:
+        if numel and bpe:
+            gbps = bpe * numel / (rec["median_ms"] * 1e-3) / 1e9
+            rec.update(bytes_per_elem=bpe, gbps=gbps,
+                       pct_peak_bw=100 * gbps / self.peak_bw if self.peak_bw else None)
+            if self.device == "cuda":
+                rec["pct_copy_bw"] = 100 * gbps / self.copy_bw
+
     def measure(self, base: dict, contender: str, build, numel: int | None, bpe: int | None):
         rec = dict(base, contender=contender, status="ok")
         if contender in NOTES:
             rec["note"] = NOTES[contender]
         try:
-            if contender == C.COMPILED:
-                why = self.p["compile_skip"]
-                if why is None and base.get("dtype") not in self.p["compile_dtypes"]:
-                    why = f"compile limited to {self.p['compile_dtypes']} in this mode (time budget)"
-                if why:
-                    raise C.Skip(why)
+            self._skip_compile(base, contender)
             fn = build()
             if contender == C.COMPILED:
                 rec["first_call_s"] = round(C.first_call(fn, f"{base['workload']} {base['dtype']} {base['size']}"), 3)
             self.timer.mem = (None, "not measured")
             samples = self.timer.time(fn, mem_probe=H.peak_memory_probe(self.device))
             rec.update(H.summarize(samples))
-            if numel and bpe:
-                gbps = bpe * numel / (rec["median_ms"] * 1e-3) / 1e9
-                rec["bytes_per_elem"] = bpe
-                rec["gbps"] = gbps
-                rec["pct_peak_bw"] = 100 * gbps / self.peak_bw if self.peak_bw else None
-                if self.device == "cuda":
-                    rec["pct_copy_bw"] = 100 * gbps / self.copy_bw
+            self._add_bandwidth(rec, numel, bpe)
             rec["peak_mem_mb"], rec["mem_method"] = self.timer.mem   # measured on the last warm-up call
             del fn
         except C.Skip as e:
@@ -159,12 +166,7 @@ class Runner:
             if contender in NOTES:
                 rec["note"] = NOTES[contender]
             try:
-                if contender == C.COMPILED:
-                    why = self.p["compile_skip"]
-                    if why is None and base.get("dtype") not in self.p["compile_dtypes"]:
-                        why = f"compile limited to {self.p['compile_dtypes']} in this mode (time budget)"
-                    if why:
-                        raise C.Skip(why)
+                self._skip_compile(base, contender)
                 fn = build()
                 if contender == C.COMPILED or base.get("compiled"):
                     rec["first_call_s"] = round(C.first_call(
@@ -185,12 +187,7 @@ class Runner:
                     rec.update(H.summarize(smp))
                     rec["peak_mem_mb"], rec["mem_method"] = mem.get(name, (None, "not measured"))
                     rec["timing"] = "interleaved round-robin with the other contenders of this workload"
-                    if numel and bpe:
-                        gbps = bpe * numel / (rec["median_ms"] * 1e-3) / 1e9
-                        rec.update(bytes_per_elem=bpe, gbps=gbps,
-                                   pct_peak_bw=100 * gbps / self.peak_bw if self.peak_bw else None)
-                        if self.device == "cuda":
-                            rec["pct_copy_bw"] = 100 * gbps / self.copy_bw
+                    self._add_bandwidth(rec, numel, bpe)
             except Exception as e:  # noqa: BLE001
                 for name in fns:
                     recs[name].update(status="error", reason=f"{type(e).__name__}: {str(e)[:400]}")
