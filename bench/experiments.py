@@ -198,6 +198,8 @@ def load_fp(model_name: str, ds) -> tuple[nn.Module, dict]:
     if path is None:
         raise FileNotFoundError(f"no committed FP checkpoint for {model_name}; run bench/train_fp.py first")
     ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck.get("fp_epochs", 0) < ck.get("epochs_planned", 0):   # train_fp.py saves after every epoch
+        raise RuntimeError(f"{path}: training still in progress (epoch {ck['fp_epochs']} of {ck['epochs_planned']})")
     model = make_model(model_name, ds.num_classes, ds.in_channels)
     model.load_state_dict(ck["model"])
     return model, {"fp_acc": ck["fp_acc"], "fp_checkpoint": str(path.relative_to(ROOT)), "fp_epochs": ck["fp_epochs"]}

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backend as _backend
+from . import reference
 
 _DENSE = torch.contiguous_format
 
@@ -87,11 +88,21 @@ def _(g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp, damp_div, tracked
     return torch.empty_like(w, dtype=g.dtype, memory_format=_DENSE), torch.empty_like(scale, dtype=torch.float32)
 
 
+def _floor(scale: Tensor, s_min: Optional[float]) -> Tensor:
+    """The scale floor (docs/semantics.md, "Scale floor"): max(s, s_min) forward. Inside the Function, the
+    scale's gradient is the floored scale's, unchanged (Brevitas' clamp-min STE), so a scale at the floor can climb
+    back; a separate autograd node for it cost ~30 us per layer and step."""
+    return scale if s_min is None else scale.clamp_min(s_min)
+
+
 class WeightQuantFn(torch.autograd.Function):
-    """w -> (w_hat, D [, counts]); tracks and updates the state in place when `state` is given."""
+    """w -> (w_hat, D [, counts]); tracks and updates the state in place when `state` is given. `s_min`: the
+    scale floor."""
 
     @staticmethod
-    def forward(ctx, w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend):
+    def forward(ctx, w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend,
+                s_min=None):
+        scale = _floor(scale, s_min)
         native = _native_ops(backend)
         if track_state is not None:
             prev_int, freq = track_state
@@ -128,7 +139,7 @@ class WeightQuantFn(torch.autograd.Function):
         else:
             gw, gs = weight_quant_bwd(g, w, scale, flags, ema, g_d, n, p, grad_scale, damp, damp_div, tracked,
                                       backend)
-        return (gw, gs.to(scale.dtype)) + (None,) * 11
+        return (gw, gs.to(scale.dtype)) + (None,) * 12
 
 
 # ---------------------------------------------------------------- activations
@@ -154,11 +165,24 @@ def _(g, x, scale, offset, n, p, grad_scale, backend):
     return torch.empty_like(x, memory_format=_DENSE), torch.empty_like(scale, dtype=f32), torch.empty_like(scale, dtype=f32)
 
 
+def _fusable(x: Tensor) -> bool:
+    """Under torch.compile on CPU, activation quantization is the reference's aten ops, which inductor fuses
+    with the BatchNorm/ReLU around it (one pass less each way) and computes bit for bit as eager: the
+    reciprocal is an IEEE division and nothing is left to contract into an FMA but the LSQ+ offset's
+    `q * s + o` (tests/test_layers.py checks both). Elsewhere (eager, GPUs) it stays the backend's kernel."""
+    return x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
 class ActQuantFn(torch.autograd.Function):
+    """x -> fake-quantized x. `s_min`: the scale floor."""
+
     @staticmethod
-    def forward(ctx, x, scale, offset, n, p, grad_scale, backend):
+    def forward(ctx, x, scale, offset, n, p, grad_scale, backend, s_min=None):
+        scale = _floor(scale, s_min)
         ctx.save_for_backward(x, scale, offset)
         ctx.args = (n, p, grad_scale, backend)
+        if _fusable(x):
+            return reference.act_fwd(x, scale, offset, n, p)
         native = _native_ops(backend)
         if native is not None:
             return native.act_fwd(x.contiguous(), scale, offset, n, p)
@@ -169,8 +193,10 @@ class ActQuantFn(torch.autograd.Function):
         x, scale, offset = ctx.saved_tensors
         n, p, grad_scale, backend = ctx.args
         native = _native_ops(backend)
-        if native is not None:
+        if _fusable(x):
+            gx, gs, go = reference.act_bwd(g, x, scale, offset, n, p, grad_scale)
+        elif native is not None:
             gx, gs, go = native.act_bwd(g.contiguous(), x.contiguous(), scale, offset, n, p, float(grad_scale))
         else:
             gx, gs, go = act_quant_bwd(g, x, scale, offset, n, p, grad_scale, backend)
-        return gx, gs.to(scale.dtype), (None if offset is None else go.to(offset.dtype)), None, None, None, None
+        return gx, gs.to(scale.dtype), (None if offset is None else go.to(offset.dtype)), None, None, None, None, None

@@ -23,21 +23,8 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class _ScaleFloor(torch.autograd.Function):
-    """max(s, s_min) forward, identity backward: a scale at the floor still receives its LSQ gradient, so it
-    can climb back (Brevitas' clamp-min STE; docs/semantics.md, "Scale floor")."""
-
-    @staticmethod
-    def forward(ctx, scale, s_min):
-        return scale.clamp_min(s_min)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-def floored_scale(scale: torch.Tensor, s_min: float) -> torch.Tensor:
-    return _ScaleFloor.apply(scale, s_min)
+def _eager_cpu(tensors) -> bool:
+    return not _compiling() and all(t.device.type == "cpu" for t in tensors)
 
 
 def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -54,8 +41,9 @@ class NonFiniteError(FloatingPointError):
 
 class _Checked(nn.Module):
     """Shared by both quantizers: the step's first training forward (`armed`) sets the `nonfinite` flag when
-    the input, weight or scale holds NaN/Inf. On CPU it raises at once (no device to wait for); on accelerators
-    the flag is read without a sync after the optimizer step (oscqat/step_hook.py)."""
+    the input, weight or scale holds NaN/Inf. Eager on CPU it raises at once (no device to wait for); on
+    accelerators and under torch.compile the flag is read without a sync after the optimizer step
+    (oscqat/step_hook.py)."""
 
     layer_name: str
     check_finite: bool
@@ -69,7 +57,7 @@ class _Checked(nn.Module):
     def arm(self) -> None:
         """Make the next training forward the step's first one (tracking, finite check; once per optimizer
         step)."""
-        self.armed = True
+        self.__dict__["armed"] = True      # once per quantizer and step: nn.Module.__setattr__ is slow
 
     def _first_forward(self, what: str, *tensors: torch.Tensor) -> bool:
         """True for the step's first training forward (a no_grad forward is not a training step and does not
@@ -78,7 +66,10 @@ class _Checked(nn.Module):
         if first:
             if self.check_finite:
                 self._check(what, *tensors)
-            self.armed = False
+            if _compiling():
+                self.armed = False
+            else:
+                self.__dict__["armed"] = False
         return first
 
     def __setstate__(self, state):
@@ -86,10 +77,13 @@ class _Checked(nn.Module):
         step_hook.register(self)
 
     def _check(self, what: str, *tensors: torch.Tensor) -> None:
+        if _eager_cpu(tensors):     # nothing to wait for: a host read is free, and ~5 small ops per call are not
+            if not all(math.isfinite(t.item() if t.numel() == 1 else float(t.detach().sum(dtype=torch.float32)))
+                       for t in tensors):
+                raise NonFiniteError(nonfinite_message(self, what, tensors))
+            return
         bad = _nonfinite(*tensors)
         self.nonfinite = torch.maximum(self.nonfinite.to(bad.device), bad)
-        if bad.device.type == "cpu" and not _compiling() and bool(bad):
-            raise NonFiniteError(nonfinite_message(self, what, tensors))
 
 
 def nonfinite_message(q: nn.Module, what: str, tensors=()) -> str:
@@ -172,18 +166,25 @@ class WeightQuantizer(_Checked):
         track = first and self.tracking
         state = (self.prev_int, self.freq) if track else None
         w_hat, d, counts = WeightQuantFn.apply(
-            w, floored_scale(self.scale, self.scale_min), self.flags, self.ema, state, self.freeze_threshold,
-            self.qmin, self.qmax, self.momentum, self.dampen, self.damp_div, self.grad_scale, name)
-        if track:
-            self.last_counts = counts
-        self.last_damp = d if self.dampen else None
+            w, self.scale, self.flags, self.ema, state, self.freeze_threshold, self.qmin, self.qmax, self.momentum,
+            self.dampen, self.damp_div, self.grad_scale, name, self.scale_min)
+        if _compiling():
+            if track:
+                self.last_counts = counts
+            self.last_damp = d if self.dampen else None
+        else:   # nn.Module.__setattr__ searches the parameter, buffer and module dicts: ~3% of a weight-set step
+            if track:
+                self._buffers["last_counts"] = counts
+            self.__dict__["last_damp"] = d if self.dampen else None
         return w_hat
 
     def _check_weight(self, w: torch.Tensor) -> None:
+        if _eager_cpu((w,)):
+            if bool(weight_check.changed(self.weight_ref, w)):
+                raise weight_check.WeightChangedError(weight_check.message(self.layer_name))
+            return
         bad = weight_check.changed(self.weight_ref, w).to(torch.int32) * weight_check.WEIGHT_CHANGED
         self.nonfinite = torch.maximum(self.nonfinite.to(bad.device), bad)
-        if bad.device.type == "cpu" and not _compiling() and bool(bad):
-            raise weight_check.WeightChangedError(weight_check.message(self.layer_name))
 
     def __getstate__(self):
         # last_damp belongs to the autograd graph of the last forward: copies and pickles must not carry it
@@ -296,8 +297,8 @@ class QuantAct(_Checked):
         self._first_forward("input/scale/offset", x, self.scale, *([self.offset] if self.offset is not None else []))
         per_sample = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
         gs = 1.0 / math.sqrt(per_sample * self.qmax) if self.lsq_grad_scale else 1.0
-        return ActQuantFn.apply(x, floored_scale(self.scale, self.scale_min), self.offset, self.qmin, self.qmax,
-                                gs, _backend.resolve(x.device.type))
+        return ActQuantFn.apply(x, self.scale, self.offset, self.qmin, self.qmax, gs, _backend.resolve(x.device.type),
+                                self.scale_min)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -2,7 +2,7 @@
 the conv weights, while the weight quantizer's scale and frozen integers still describe the old weights.
 
 After every optimizer step (and `QATSchedule.step()`, `oscqat.arm_tracking`) each quantized layer records a
-checksum of its weight, the int64 sum of its bit patterns (a 0-d device tensor, no sync). The next step's
+checksum of its weight, the wrapping integer sum of its bit patterns (a 0-d device tensor, no sync). The next step's
 first training forward recomputes it and raises (CPU) or flags (accelerators: raised after the next optimizer
 step, as the NaN/Inf check) when they differ. Loading a state_dict, moving the model (`.to`) and `oscqat.fold_bn` forget it."""
 from __future__ import annotations
@@ -21,10 +21,14 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def checksum(w: torch.Tensor) -> torch.Tensor:
-    """The int64 sum of the weight's bit patterns: integer addition is associative, so eager and a compiled
-    graph (another reduction order) agree exactly, where an fp32 sum differed in its last bits under
-    torch.compile and raised a false WeightChangedError."""
-    return w.detach().view(_BITS[w.element_size()]).sum(dtype=torch.int64)
+    """The sum of the weight's bit patterns modulo 2^(8 * element size). Modular integer addition is
+    associative, so eager and a compiled graph (another reduction order, possibly a wider accumulator that is
+    truncated at the end) agree exactly, where an fp32 sum differed in its last bits under torch.compile and raised
+    a false WeightChangedError. The sum stays in the element's own width because widening costs: on CPU an int32
+    -> int64 summing pass ran at 1/12 of the speed of the int32 one (21 vs 1.7 ms per 4M weights), twice per step.
+    Any single changed weight changes the sum."""
+    bits = _BITS[w.element_size()]
+    return w.detach().view(bits).sum(dtype=bits)
 
 
 def record(layers, force: bool = False) -> None:

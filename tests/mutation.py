@@ -39,9 +39,9 @@ EXTRA_TESTS = {"transition.py": ["tests/test_transition.py"]}
 TORCH_ONLY = {"reference.py"}
 SCOPE = {
     "reference.py": None,
-    "ops.py": {"<module>", "_impl", "weight_quant", "weight_quant_track", "weight_quant_bwd", "WeightQuantFn.forward",
+    "ops.py": {"<module>", "_impl", "_floor", "weight_quant", "weight_quant_track", "weight_quant_bwd", "WeightQuantFn.forward",
                "WeightQuantFn.backward", "act_quant", "act_quant_bwd", "ActQuantFn.forward", "ActQuantFn.backward"},
-    "quantizers.py": {"<module>", "_ScaleFloor.forward", "_ScaleFloor.backward", "floored_scale", "_Checked.arm",
+    "quantizers.py": {"<module>", "_Checked.arm",
                       "_Checked._first_forward", "WeightQuantizer.__init__", "WeightQuantizer.qmin",
                       "WeightQuantizer.qmax", "WeightQuantizer.forward", "WeightQuantizer.frozen",
                       "WeightQuantizer.frozen_int", "WeightQuantizer.last_dir", "WeightQuantizer.int_weight",

@@ -170,6 +170,43 @@ def test_compiled_model_has_no_graph_break_and_matches_eager():
     assert_same(snapshot(model), snapshot(twin))
 
 
+def test_inductor_fuses_activation_quantization_bit_for_bit():
+    """Under torch.compile on CPU the activation quantizers are aten ops that inductor fuses with their
+    neighbours (no act kernel runs); the training forward must still equal eager bit for bit, LSQ+ offsets too.
+    Gradients are compared in eval mode: through training-mode BatchNorm the true gradients are differences of
+    nearly equal terms (a BN's input gradient has zero mean per channel), where any change of summation order
+    gives percent-level relative differences, with the act kernels too."""
+    from torch.profiler import profile
+    model, x = qat_model(method="dampen+freeze")
+    acts = [a for a in oscqat.quantizers(model) if isinstance(a, oscqat.QuantAct)]
+    for a in acts[::2]:     # LSQ+ offsets on every other one, away from zero so that q * s + o is a real add
+        a.offset = nn.Parameter(-0.37 * a.scale.detach().clone())
+    twin = copy.deepcopy(model)
+    r = torch.randn(x.shape[0], 10, generator=torch.Generator().manual_seed(3))
+    with oscqat.use_backend("cpp"):
+        compiled = torch.compile(twin)
+        assert torch.equal(model(x), compiled(x))
+        state = [{k: v for k, v in snapshot(m).items() if k.rsplit(".", 1)[-1] in STATE} for m in (model, twin)]
+        assert_same(*state)
+        twin.load_state_dict(model.state_dict())    # BN running statistics: inductor's batch mean differs in ulps
+        model.eval(), twin.eval()
+        out_e, out_c = model(x), compiled(x)
+        assert torch.equal(out_e, out_c)
+        (out_e * r).sum().backward()
+        (out_c * r).sum().backward()
+        for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+            # a scale's LSQ gradient is a sum of terms of both signs (the rounding errors): another order moves
+            # it by more, relative to the result, than a weight's
+            rtol = 2e-3 if n.endswith(("scale", "offset")) else 1e-4
+            assert torch.allclose(a.grad, b.grad, rtol=rtol, atol=1e-6 * float(a.grad.abs().max())), n
+        twin.train()
+        with profile() as prof:
+            compiled(x).sum().backward()
+    ran = {e.key for e in prof.key_averages()}
+    assert {"oscqat_C::weight_fwd", "oscqat_C::weight_bwd"} <= ran, sorted(k for k in ran if "oscqat" in k)
+    assert not {"oscqat_C::act_fwd", "oscqat_C::act_bwd"} & ran
+
+
 # ------------------------------------------------------------------ bad input
 def test_bits_outside_range_are_rejected_with_the_layer_name():
     with pytest.raises(ValueError, match=r"QATConfig.weight_bits.*9"):

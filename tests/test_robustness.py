@@ -260,11 +260,14 @@ def test_compiled_forward_flags_non_finite_and_the_step_hook_raises():
 
 def test_weight_checksum_does_not_depend_on_summation_order():
     """The weight-change check compares an eager checksum (after the step) with one the next forward computes,
-    which under torch.compile is a generated reduction: an fp32 sum differed there in its last bits."""
+    which under torch.compile is a generated reduction: an fp32 sum differed there in its last bits. The sum
+    wraps (bit patterns of unit-scale floats are ~1e9, so 1728 of them overflow 32 bits many times)."""
     from oscqat.weight_check import checksum
+    compiled = torch.compile(checksum)
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(64, 3, 3, 3).to(dtype)
         assert torch.equal(checksum(w), checksum(w.flatten().flip(0)))
+        assert torch.equal(compiled(w), checksum(w)), dtype
         w2 = w.clone()
         w2.view(torch.int32 if dtype == torch.float32 else torch.int16).view(-1)[7] += 1    # one ulp
         assert not torch.equal(checksum(w), checksum(w2)), dtype
