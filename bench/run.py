@@ -240,12 +240,13 @@ class Runner:
 
     def e2e(self):
         p = self.p
-        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"], models=[f"torchvision.models.{a}()" for a in W.E2E_ARCHS],
+        self.meta["e2e"] = dict(batch=p["batch"], res=p["res"],
+                                models=[f"torchvision.models.{a}()" for a in self.args.e2e_archs],
                                 config="W4A4 per-tensor, 8-bit first/last, SGD",
                                 compiled="the model under torch.compile (inductor)" if self.args.e2e_compile else "no")
         # CPU: the cpp backend only (the torch backend's step is 2-3x the float one; it would double the run)
         backends = ("triton", "cuda", "torch") if self.device == "cuda" else ("cpp",)
-        for arch in W.E2E_ARCHS:
+        for arch in self.args.e2e_archs:
             for compiled in ((False, True) if self.args.e2e_compile else (False,)):
                 base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}", arch=arch,
                             compiled=compiled)
@@ -561,8 +562,13 @@ def main(argv=None):
     ap.add_argument("--skip-kernels", action="store_true", help="only the weight-set and end-to-end steps")
     ap.add_argument("--e2e-compile", action="store_true",
                     help="also time the end-to-end steps with the model under torch.compile (minutes of compiling)")
+    ap.add_argument("--e2e-archs", default=",".join(W.E2E_ARCHS),
+                    help=f"comma-separated torchvision models of the end-to-end steps (default {','.join(W.E2E_ARCHS)})")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    args.e2e_archs = [a for a in args.e2e_archs.split(",") if a]
+    if not set(args.e2e_archs) <= set(W.E2E_ARCHS):
+        ap.error(f"--e2e-archs: choose from {', '.join(W.E2E_ARCHS)}, got {args.e2e_archs}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     if args.threads or args.device == "cpu":
