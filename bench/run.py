@@ -563,7 +563,8 @@ def main(argv=None):
     ap.add_argument("--e2e-compile", action="store_true",
                     help="also time the end-to-end steps with the model under torch.compile (minutes of compiling)")
     ap.add_argument("--e2e-archs", default=",".join(W.E2E_ARCHS),
-                    help=f"comma-separated torchvision models of the end-to-end steps (default {','.join(W.E2E_ARCHS)})")
+                    help="comma-separated torchvision models of the end-to-end steps (default: "
+                         f"{','.join(W.E2E_ARCHS)})")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.e2e_archs = [a for a in args.e2e_archs.split(",") if a]
