@@ -166,10 +166,11 @@ def _(g, x, scale, offset, n, p, grad_scale, backend):
 
 
 def _fusable(x: Tensor) -> bool:
-    """Under torch.compile on CPU, activation quantization is the reference's aten ops, which inductor fuses
-    with the BatchNorm/ReLU around it (one pass less each way) and computes bit for bit as eager: the
-    reciprocal is an IEEE division and nothing is left to contract into an FMA but the LSQ+ offset's
-    `q * s + o` (tests/test_layers.py checks both). Elsewhere (eager, GPUs) it stays the backend's kernel."""
+    """Under torch.compile on CPU, activation quantization is the reference's aten ops, which inductor can fuse
+    with the BatchNorm/ReLU around it instead of calling an opaque kernel, and which it computes bit for bit as
+    eager (the reciprocal is an IEEE division; tests/test_layers.py covers quantizers with and without an LSQ+
+    offset, whose `q * s + o` a compiler could contract into an FMA). Elsewhere (eager, GPUs) it stays the
+    backend's kernel."""
     return x.device.type == "cpu" and torch.compiler.is_compiling()
 
 
