@@ -95,10 +95,14 @@ def _extensions():
               "(use pip install --no-build-isolation)")
         return [], {}
     # Bit-exactness (docs/semantics.md): no fused multiply-add, no fast-math reassociation.
+    # OpenMP: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this extension;
+    # without -fopenmp it runs every op on one thread whatever torch.set_num_threads says. Linking -fopenmp names
+    # libgomp.so.1, which the loader resolves to the one torch already loaded (same soname): one thread pool.
     if sys.platform == "win32":
-        cxx = ["/O2", "/fp:precise"]
+        cxx, link = ["/O2", "/fp:precise", "/openmp"], []
     else:
-        cxx = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
+        cxx = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]
+        link = ["-fopenmp"]
     sources = ["csrc/oscqat_C.cpp", "csrc/cpu/quant_cpu.cpp"]
     with_cuda, cuda_home, arch_list, note = _cuda_plan(torch, cpp_extension)
     if with_cuda and cuda_home != cpp_extension.CUDA_HOME:  # before CUDAExtension takes its include/lib dirs
@@ -107,9 +111,9 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "oscqat._C", sources + ["csrc/cuda/quant_cuda.cu"],
             extra_compile_args={"cxx": cxx + ["-DOSCQAT_WITH_CUDA"],
-                                "nvcc": ["-O3", "--fmad=false", "-DOSCQAT_WITH_CUDA"]})
+                                "nvcc": ["-O3", "--fmad=false", "-DOSCQAT_WITH_CUDA"]}, extra_link_args=link)
     else:
-        ext = cpp_extension.CppExtension("oscqat._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("oscqat._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class BuildExt(cpp_extension.BuildExtension):
         """torch's build_ext, told the architecture list, and saying once what it builds."""

@@ -26,10 +26,11 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from parity import make_act_case, make_weight_case
     from oscqat import cpp_backend as cb
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(sys.argv[3]))
     out = []
     cases = [((33, 65), 33, torch.float32), ((2, 4099), 1, torch.bfloat16), ((96, 64, 3, 3), 96, torch.float16),
-             ((7, 3000), 7, torch.float32), ((1, 17), 1, torch.bfloat16)]
+             ((7, 3000), 7, torch.float32), ((1, 17), 1, torch.bfloat16), ((300, 701), 1, torch.float32),
+             ((64, 2101), 64, torch.bfloat16)]
     for seed, (shape, ch, dtype) in enumerate(cases):
         for special in ("normal", "ties"):
             c = make_weight_case(seed, shape, ch, 2 + seed % 4, dtype, special=special, device="cpu")
@@ -57,17 +58,33 @@ def test_isa_builds_give_the_same_bits(tmp_path):
     """Every output and state, reductions included, is bit-identical whichever ISA build runs (the builds differ
     only in vector width; the reductions' order is fixed by the block split, not by the lanes)."""
     _require_cpp()
-    results = {}
-    for name, env in (("best", {}), ("avx2", {"OSCQAT_NO_AVX512": "1"}), ("base", {"OSCQAT_NO_AVX2": "1"})):
-        path = tmp_path / f"{name}.pt"
-        res = subprocess.run([sys.executable, "-c", _SCRIPT, HERE, str(path)], capture_output=True, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1", **env), timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
-        results[name] = torch.load(path)
+    results = _run_script(tmp_path, {"best": {}, "avx2": {"OSCQAT_NO_AVX512": "1"}, "base": {"OSCQAT_NO_AVX2": "1"}})
     assert len(results["best"]) > 100
     for other in ("avx2", "base"):
         for i, (a, b) in enumerate(zip(results["best"], results[other])):
             assert_bits(a, b, f"best vs {other}, output {i}")
+
+
+def test_thread_count_does_not_change_a_bit(tmp_path):
+    """The C++ ops run their blocks on torch's OpenMP threads (the extension is built with -fopenmp, else
+    at::parallel_for runs on one); the reductions add per-block partials in block order, so 1 and 3 threads give the
+    same bits. The two largest cases have several 32K-element chunks per thread."""
+    _require_cpp()
+    results = _run_script(tmp_path, {"1": {}, "3": {}})
+    for i, (a, b) in enumerate(zip(results["1"], results["3"])):
+        assert_bits(a, b, f"1 vs 3 threads, output {i}")
+
+
+def _run_script(tmp_path, runs: dict) -> dict:
+    results = {}
+    for name, env in runs.items():
+        path = tmp_path / f"{name}.pt"
+        threads = name if name.isdigit() else "1"
+        res = subprocess.run([sys.executable, "-c", _SCRIPT, HERE, str(path), threads], capture_output=True,
+                             text=True, env=dict(os.environ, OMP_NUM_THREADS=threads, **env), timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        results[name] = torch.load(path)
+    return results
 
 
 @pytest.mark.parametrize("name", ["torch", "cpp"])

@@ -33,7 +33,7 @@ namespace oscqat {
 namespace cpu {
 
 constexpr int64_t BLOCK = 1024;      // elements per task (at most); fixes the summation order
-constexpr int64_t GRAIN_ELEMS = 1 << 18;  // elements per thread, at least: below, no threads are woken
+constexpr int64_t GRAIN_ELEMS = 1 << 15;  // elements per thread, at least: below, no threads are woken
 constexpr int64_t SUB = 256;         // elements per pass of the tracked core (its buffers stay in L1)
 
 // ------------------------------------------------------------------------------------------ dtype plumbing
