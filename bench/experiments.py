@@ -146,6 +146,9 @@ PLANS = {
     # weights per output channel of the depthwise-position conv: 9 (small-mobilenet), 25 (5x5 depthwise), 72
     # (grouped 3x3, 8 channels per group); needs their FP checkpoints (oscqat/app/checkpoints/README.md):
     "wpc": [("small-mobilenet-k5", "W3A32", "lsq", (0, 1, 2)), ("small-mobilenet-g8", "W3A32", "lsq", (0, 1, 2))],
+    # the same under a constant LR, where the oscillations (and the BN effects) last to the end of training
+    "wpc-constlr": [(m, "W3A32", "lsq", (0, 1, 2), {"lr_schedule": "constant"}, "constlr")
+                    for m in ("small-mobilenet-k5", "small-mobilenet-g8")],
 }
 
 _DATA = {}
