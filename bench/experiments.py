@@ -587,15 +587,16 @@ def tables(runs) -> list[str]:
           "'pre-BN' for ema+qc is the EMA model before re-estimation."]
     extra = [r for r in load_runs_all() if r.get("tag") or r["model"] in M.STUDY_VARIANTS]
     if extra:
-        extra += [r for r in runs if r["setting"] == "W3A32" and r["method"] == "lsq"]
+        extra += [r for r in runs if r["setting"] == "W3A32" and r["method"] == "lsq" and r not in extra]
         L += ["", "## Controlled studies (tagged runs)", "",
-              "| tag | net | setting | method | pre-BN | post-BN | post − pre | osc. % | 3x3-layer KL mean / max | "
+              "| tag | net | setting | method | FP | pre-BN | post-BN | post − pre | osc. % | 3x3-layer KL mean / max | "
               "pw KL mean / max | n |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["tag"], r["model"], r["setting"], r["method"]) for r in extra})
         for tag, m, st, meth in keys:
             rs = [r for r in extra if (r["tag"], r["model"], r["setting"], r["method"]) == (tag, m, st, meth)]
-            L.append(f"| {tag} | {m} | {st} | {meth} | {ms([r['acc_pre_bn'] for r in rs])} | "
+            L.append(f"| {tag} | {m} | {st} | {meth} | {rs[0]['fp_acc']:.2f} | "
+                     f"{ms([r['acc_pre_bn'] for r in rs])} | "
                      f"{ms([r['acc_post_bn'] for r in rs])} | {ms([r['acc_post_bn'] - r['acc_pre_bn'] for r in rs])} | "
                      f"{ms([r['osc_pct'] for r in rs])} | {ms([kl3(r) for r in rs], '{:.4f}')} / "
                      f"{ms([kl3(r, 'kl_max') for r in rs], '{:.3f}')} | "
