@@ -587,7 +587,8 @@ def tables(runs) -> list[str]:
           "'pre-BN' for ema+qc is the EMA model before re-estimation."]
     extra = [r for r in load_runs_all() if r.get("tag") or r["model"] in M.STUDY_VARIANTS]
     if extra:
-        extra += [r for r in runs if r["setting"] == "W3A32" and r["method"] == "lsq" and r not in extra]
+        extra += [r for r in runs if r["setting"] == "W3A32" and r["method"] == "lsq"
+                  and r["model"] not in M.STUDY_VARIANTS]
         L += ["", "## Controlled studies (tagged runs)", "",
               "| tag | net | setting | method | FP | pre-BN | post-BN | post − pre | osc. % | 3x3-layer KL mean / max | "
               "pw KL mean / max | n |",

@@ -193,10 +193,9 @@ class ActQuantFn(torch.autograd.Function):
     def backward(ctx, g):
         x, scale, offset = ctx.saved_tensors
         n, p, grad_scale, backend = ctx.args
-        native = _native_ops(backend)
         if _fusable(x):
             gx, gs, go = reference.act_bwd(g, x, scale, offset, n, p, grad_scale)
-        elif native is not None:
+        elif (native := _native_ops(backend)) is not None:
             gx, gs, go = native.act_bwd(g.contiguous(), x.contiguous(), scale, offset, n, p, float(grad_scale))
         else:
             gx, gs, go = act_quant_bwd(g, x, scale, offset, n, p, grad_scale, backend)

@@ -23,6 +23,18 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _assign(m: nn.Module, name: str, value) -> None:
+    """`m.name = value` for the attributes a quantizer writes once per step (armed, last_damp, last_counts). In
+    eager mode it goes past nn.Module.__setattr__, which searches the parameter, buffer and module dicts (~3% of a
+    weight-set step); under torch.compile dynamo traces the normal path."""
+    if _compiling():
+        setattr(m, name, value)
+    elif name in m._buffers:
+        m._buffers[name] = value
+    else:
+        m.__dict__[name] = value
+
+
 def _eager_cpu(tensors) -> bool:
     return not _compiling() and all(t.device.type == "cpu" for t in tensors)
 
@@ -57,7 +69,7 @@ class _Checked(nn.Module):
     def arm(self) -> None:
         """Make the next training forward the step's first one (tracking, finite check; once per optimizer
         step)."""
-        self.__dict__["armed"] = True      # once per quantizer and step: nn.Module.__setattr__ is slow
+        _assign(self, "armed", True)
 
     def _first_forward(self, what: str, *tensors: torch.Tensor) -> bool:
         """True for the step's first training forward (a no_grad forward is not a training step and does not
@@ -66,10 +78,7 @@ class _Checked(nn.Module):
         if first:
             if self.check_finite:
                 self._check(what, *tensors)
-            if _compiling():
-                self.armed = False
-            else:
-                self.__dict__["armed"] = False
+            _assign(self, "armed", False)
         return first
 
     def __setstate__(self, state):
@@ -168,14 +177,9 @@ class WeightQuantizer(_Checked):
         w_hat, d, counts = WeightQuantFn.apply(
             w, self.scale, self.flags, self.ema, state, self.freeze_threshold, self.qmin, self.qmax, self.momentum,
             self.dampen, self.damp_div, self.grad_scale, name, self.scale_min)
-        if _compiling():
-            if track:
-                self.last_counts = counts
-            self.last_damp = d if self.dampen else None
-        else:   # nn.Module.__setattr__ searches the parameter, buffer and module dicts: ~3% of a weight-set step
-            if track:
-                self._buffers["last_counts"] = counts
-            self.__dict__["last_damp"] = d if self.dampen else None
+        if track:
+            _assign(self, "last_counts", counts)
+        _assign(self, "last_damp", d if self.dampen else None)
         return w_hat
 
     def _check_weight(self, w: torch.Tensor) -> None:

@@ -2,9 +2,10 @@
 the conv weights, while the weight quantizer's scale and frozen integers still describe the old weights.
 
 After every optimizer step (and `QATSchedule.step()`, `oscqat.arm_tracking`) each quantized layer records a
-checksum of its weight, the wrapping integer sum of its bit patterns (a 0-d device tensor, no sync). The next step's
-first training forward recomputes it and raises (CPU) or flags (accelerators: raised after the next optimizer
-step, as the NaN/Inf check) when they differ. Loading a state_dict, moving the model (`.to`) and `oscqat.fold_bn` forget it."""
+checksum of its weight, the wrapping integer sum of its bit patterns (a 0-d device tensor, no sync). The next
+step's first training forward recomputes it and raises (CPU) or flags (accelerators: raised after the next
+optimizer step, as the NaN/Inf check) when they differ. Loading a state_dict, moving the model (`.to`) and
+`oscqat.fold_bn` forget it."""
 from __future__ import annotations
 
 import torch

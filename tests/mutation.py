@@ -40,7 +40,8 @@ TORCH_ONLY = {"reference.py"}
 SCOPE = {
     "reference.py": None,
     "ops.py": {"<module>", "_impl", "_floor", "weight_quant", "weight_quant_track", "weight_quant_bwd",
-               "WeightQuantFn.forward", "WeightQuantFn.backward", "act_quant", "act_quant_bwd", "ActQuantFn.forward", "ActQuantFn.backward"},
+               "WeightQuantFn.forward", "WeightQuantFn.backward", "act_quant", "act_quant_bwd", "ActQuantFn.forward",
+               "ActQuantFn.backward"},
     "quantizers.py": {"<module>", "_Checked.arm",
                       "_Checked._first_forward", "WeightQuantizer.__init__", "WeightQuantizer.qmin",
                       "WeightQuantizer.qmax", "WeightQuantizer.forward", "WeightQuantizer.frozen",
