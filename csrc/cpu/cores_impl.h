@@ -21,14 +21,32 @@ static inline float clampf(float v, float lo, float hi) {
   return hi < v ? hi : v;
 }
 
-static inline double sum_block(const float* __restrict t, int64_t len) {
-  double a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Block sums (D's terms, dL/ds, dL/do) are accumulated in registers while a core runs: LANES fp32 partial sums,
+// element i of the block into lane i % LANES, then added in double by a fixed tree. The lane count is fixed, not
+// the vector width, so every ISA build adds the same numbers in the same order (and the tasks fix the rest: no
+// dependence on the thread count); a lane adds at most BLOCK / LANES = 16 terms in fp32, well within the
+// tolerance of docs/semantics.md. Storing the terms and summing them in double afterwards took a second pass over
+// the block and one chain of dependent adds per block, which made act_bwd slower than inductor's fused loop.
+// 64 lanes = one AVX-512 vector of int8: with 32, GCC vectorised the cores that read the int8 state flags with
+// 256-bit vectors only, and weight_bwd's core ran 1.5x slower.
+static constexpr int LANES = 64;
+
+static inline double lanes_total(const float* __restrict acc) {
+  double d[LANES / 2];
+  for (int k = 0; k < LANES / 2; ++k) d[k] = static_cast<double>(acc[k]) + static_cast<double>(acc[k + LANES / 2]);
+  for (int w = LANES / 4; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) d[k] = d[k] + d[k + w];
+  return d[0];
+}
+
+// Runs elem(i, k) for every element i of a block, k = i % LANES being its lane; whole groups of LANES first, in a
+// loop of constant trip count that the compiler vectorises with the lanes' accumulators held in registers.
+template <typename F>
+static inline void for_lanes(int64_t len, F&& elem) {
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8)
-    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(t[i + k]);
-  double tail = 0;
-  for (; i < len; ++i) tail += static_cast<double>(t[i]);
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + tail;
+  for (; i + LANES <= len; i += LANES)
+    for (int k = 0; k < LANES; ++k) elem(i + k, k);
+  for (int k = 0; i + k < len; ++k) elem(i + k, k);
 }
 
 // bf16/fp16 <-> fp32 for a block, with c10's conversions (widening is exact; narrowing rounds to nearest even).
@@ -43,13 +61,13 @@ static inline void narrow(int64_t len, const float* __restrict buf, T* __restric
 }
 
 // ------------------------------------------------------------------------------------------ fused cores
-// Untracked weight forward: w_hat (as fp32) and, with DAMP, the dampening terms err^2.
+// Untracked weight forward: w_hat (as fp32) and, with DAMP, the dampening terms err^2 summed into `acc`.
 template <bool STATE, bool DAMP>
 static inline void wfwd_core(int64_t len, const float* __restrict w, float s, float r, float nf, float pf,
                       const int8_t* __restrict flags, const float* __restrict ema, float* __restrict out,
-                      float* __restrict term) {
+                      float* __restrict acc) {
   const float lo = s * nf, hi = s * pf;
-  for (int64_t i = 0; i < len; ++i) {
+  for_lanes(len, [&](int64_t i, int k) {
     const float wf = w[i];
     const float wi = clampf(rne(wf * r), nf, pf);
     float weff = wi;
@@ -62,9 +80,9 @@ static inline void wfwd_core(int64_t len, const float* __restrict w, float s, fl
     out[i] = q;
     if constexpr (DAMP) {
       const float e = q - clampf(wf, lo, hi);
-      term[i] = e * e;
+      acc[k] += e * e;
     }
-  }
+  });
 }
 
 // Tracked weight forward: w_hat, damp terms, and the state update, in three loops over the block (all
@@ -93,10 +111,10 @@ static inline void wtrack_core(int64_t len, const float* __restrict w, float s, 
                                const float* __restrict pvb, const float* __restrict fzb,
                                const float* __restrict ldb, const float* __restrict unb, float* __restrict freq,
                                float* __restrict ema, float m, float om, float fth, float* __restrict out,
-                               float* __restrict term, float* __restrict weffb, float* __restrict nflb,
+                               float* __restrict acc, float* __restrict weffb, float* __restrict nflb,
                                float* __restrict swb, float* __restrict oscb) {
   const float lo = s * nf, hi = s * pf;
-  for (int64_t i = 0; i < len; ++i) {
+  for_lanes(len, [&](int64_t i, int k) {
     const float wf = w[i];
     const float wi = clampf(rne(wf * r), nf, pf);
     const float fz = fzb[i], ld = ldb[i];
@@ -108,7 +126,7 @@ static inline void wtrack_core(int64_t len, const float* __restrict w, float s, 
     out[i] = q;
     if constexpr (DAMP) {
       const float d = q - clampf(wf, lo, hi);
-      term[i] = d * d;
+      acc[k] += d * d;
     }
     const float delta = weff - pi;
     const bool sw = (delta != 0.f) & !un;
@@ -129,7 +147,7 @@ static inline void wtrack_core(int64_t len, const float* __restrict w, float s, 
     ema[i] = ne;
     swb[i] = sw ? 1.f : 0.f;
     oscb[i] = osc ? 1.f : 0.f;
-  }
+  });
 }
 
 static inline void track_encode(int64_t len, const float* __restrict weffb, const float* __restrict nflb,
@@ -147,13 +165,13 @@ static inline void track_encode(int64_t len, const float* __restrict weffb, cons
   n_osc += cosc;
 }
 
-// Weight backward: dL/dw (fp32) and the terms of dL/ds.
+// Weight backward: dL/dw (fp32) and the terms of dL/ds, summed into `acc`.
 template <bool STATE, bool TRACKED, bool DAMP>
 static inline void wbwd_core(int64_t len, const float* __restrict g, const float* __restrict w, float s, float r,
                       float nf, float pf, const int8_t* __restrict flags, const float* __restrict ema, float coef,
-                      float* __restrict gw, float* __restrict term) {
+                      float* __restrict gw, float* __restrict acc) {
   const float lo = s * nf, hi = s * pf;
-  for (int64_t i = 0; i < len; ++i) {
+  for_lanes(len, [&](int64_t i, int k) {
     const float wf = w[i], gf = g[i];
     const float x = wf * r;
     const float R = rne(x);
@@ -176,35 +194,37 @@ static inline void wbwd_core(int64_t len, const float* __restrict g, const float
       gv = gv + ((coef * (clampf(wf, lo, hi) - s * weff)) * inside);
     }
     gw[i] = gv;
-    term[i] = gf * (weff - x * mf);
-  }
+    acc[k] += gf * (weff - x * mf);
+  });
 }
 
-template <bool OFF>
-static inline void afwd_core(int64_t len, const float* __restrict x, float s, float r, float o, float nf, float pf,
-                      float* __restrict y) {
+// The activation cores read and write their storage type U (float, or bf16 converted in the loop).
+template <bool OFF, typename U>
+static inline void afwd_core(int64_t len, const U* __restrict x, float s, float r, float o, float nf, float pf,
+                      U* __restrict y) {
   for (int64_t i = 0; i < len; ++i) {
-    const float xv = x[i];
+    const float xv = static_cast<float>(x[i]);
     const float xs = OFF ? (xv - o) * r : xv * r;
     const float q = clampf(rne(xs), nf, pf);
     float v = q * s;
     if constexpr (OFF) v = v + o;
-    y[i] = v;
+    y[i] = static_cast<U>(v);
   }
 }
 
-template <bool OFF>
-static inline void abwd_core(int64_t len, const float* __restrict g, const float* __restrict x, float r, float o,
-                      float nf, float pf, float* __restrict gx, float* __restrict ts, float* __restrict to) {
-  for (int64_t i = 0; i < len; ++i) {
-    const float gf = g[i], xv = x[i];
+// Activation backward: dL/dx, and the terms of dL/ds and (OFF) dL/do summed into `as` and `ao`.
+template <bool OFF, typename UG, typename UX>
+static inline void abwd_core(int64_t len, const UG* __restrict g, const UX* __restrict x, float r, float o,
+                      float nf, float pf, UG* __restrict gx, float* __restrict as, float* __restrict ao) {
+  for_lanes(len, [&](int64_t i, int k) {
+    const float gf = static_cast<float>(g[i]), xv = static_cast<float>(x[i]);
     const float xs = OFF ? (xv - o) * r : xv * r;
     const float R = rne(xs);
     const bool inr = (R >= nf) & (R <= pf);
     const float q = clampf(R, nf, pf);
     const float m = inr ? 1.f : 0.f;
-    gx[i] = gf * m;
-    ts[i] = gf * (q - xs * m);
-    if constexpr (OFF) to[i] = gf * (inr ? 0.f : 1.f);
-  }
+    gx[i] = static_cast<UG>(gf * m);
+    as[k] += gf * (q - xs * m);
+    if constexpr (OFF) ao[k] += gf * (inr ? 0.f : 1.f);
+  });
 }

@@ -10,7 +10,8 @@
 // -ffp-contract=off (no fused multiply-add) and without -ffast-math; r = 1.0f / s is an IEEE division;
 // round-half-to-even is the exact "add and subtract 2^23" form below (the rounding mode is the default one).
 // The inner loops are branch-free so that the compiler vectorises them; bf16/fp16 blocks are widened into a
-// float buffer first and rounded back (to nearest even, as ATen does) at the end.
+// float buffer first and rounded back (to nearest even, as ATen does) at the end, except that the activation
+// cores convert bf16 themselves, element by element (same conversions, same bits).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +27,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../checks.h"
 #include "cores.h"
 
@@ -37,11 +42,13 @@ constexpr int64_t GRAIN_ELEMS = 1 << 15;  // elements per thread, at least: belo
 constexpr int64_t SUB = 256;         // elements per pass of the tracked core (its buffers stay in L1)
 
 // ------------------------------------------------------------------------------------------ dtype plumbing
-// bf16/fp16 blocks are widened and narrowed by the ISA build's own loops (K::widen, K::narrow): compiled here,
-// at the baseline ISA, they ran 16 bytes at a time and made the bf16 rows slower than inductor's.
-template <typename K, typename T>
-static inline const float* load_block(const T* __restrict src, int64_t len, float* __restrict buf) {
-  if constexpr (std::is_same_v<T, float>) {
+// A core reads and writes elements of type U: the tensor's own type T when U == T, else (T narrower than the
+// float U) a block widened into a float buffer first and narrowed back after. bf16/fp16 blocks are widened and
+// narrowed by the ISA build's own loops (K::widen, K::narrow): compiled here, at the baseline ISA, they ran 16
+// bytes at a time and made the bf16 rows slower than inductor's.
+template <typename K, typename T, typename U = float>
+static inline const U* load_block(const T* __restrict src, int64_t len, float* __restrict buf) {
+  if constexpr (std::is_same_v<T, U>) {
     return src;
   } else {
     K::widen(len, src, buf);
@@ -49,19 +56,25 @@ static inline const float* load_block(const T* __restrict src, int64_t len, floa
   }
 }
 
-template <typename T>
-static inline float* out_block(T* dst, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
+template <typename T, typename U = float>
+static inline U* out_block(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, U>) {
     return dst;
   } else {
     return buf;
   }
 }
 
-template <typename K, typename T>
-static inline void store_block(const float* __restrict buf, int64_t len, T* __restrict dst) {
-  if constexpr (!std::is_same_v<T, float>) K::narrow(len, buf, dst);
+template <typename K, typename T, typename U = float>
+static inline void store_block(const U* __restrict buf, int64_t len, T* __restrict dst) {
+  if constexpr (!std::is_same_v<T, U>) K::narrow(len, buf, dst);
 }
+
+// The activation cores convert bf16 in their own loop (a shift in, a rounding add out; it vectorises, and saves
+// the buffer passes: ~20% on the bf16 activation rows). fp16's conversions vectorise poorly inside a core (10-30%
+// slower there than in K::widen / K::narrow), so fp16 still goes through a float buffer.
+template <typename T>
+using act_io_t = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
 
 template <typename F>
 static void dispatch_float(at::ScalarType t, F&& f) {
@@ -111,6 +124,27 @@ static at::Tensor f32_scalar(float v) {
   return t;
 }
 
+// A big output is a fresh mmap (glibc maps every block of 32 MB or more), and its first touch costs one page fault
+// per 4 KiB: a 64 MB output took ~35 ms of faults, more than the op's own work at 1 thread. Transparent huge
+// pages (where the system's THP mode is "madvise" or "always") cut that to ~6 ms; c10 does the same for every
+// allocation under THP_MEM_ALLOC_ENABLE. Only the 2 MiB-aligned interior is advised, so no memory is added, and
+// the advice is best effort: a failure changes nothing. Below 16 MB the block is often reused heap memory,
+// already mapped, where the advice would gain nothing.
+constexpr size_t HUGE_PAGE = size_t{1} << 21;
+constexpr size_t HUGE_OUT_BYTES = size_t{1} << 24;
+
+static at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (t.nbytes() >= HUGE_OUT_BYTES) {
+    const uintptr_t b = reinterpret_cast<uintptr_t>(t.data_ptr()), e = b + t.nbytes();
+    const uintptr_t lo = (b + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), hi = e & ~(HUGE_PAGE - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
 static double sum_partials(const std::vector<double>& v, int64_t begin, int64_t end) {
   double acc = 0;
   for (int64_t i = begin; i < end; ++i) acc += v[i];
@@ -128,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Ten
   const int64_t C = args.channels;
   const bool state = args.state;
 
-  at::Tensor out = at::empty(w.sizes(), w.options());
+  at::Tensor out = empty_output(w.sizes(), w.options());
   const Split sp(w.numel(), C);
   std::vector<double> dpart(damp ? sp.tasks() : 0);
   const float* sc = scale.const_data_ptr<float>();
@@ -145,16 +179,17 @@ std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Ten
       dispatch_bool(state, [&](auto ST) {
         dispatch_bool(damp, [&](auto DA) {
           at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
-            float wbuf[BLOCK], obuf[BLOCK], tbuf[BLOCK];
+            float wbuf[BLOCK], obuf[BLOCK];
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = sp.begin(t), len = sp.len(t);
               const float s = sc[sp.channel(t)], r = 1.0f / s;
               const float* wf = load_block<K, T>(wp + b, len, wbuf);
               float* o = out_block<T>(op_ + b, obuf);
+              float acc[K::LANES] = {};
               K::template wfwd_core<decltype(ST)::value, decltype(DA)::value>(
-                  len, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, o, tbuf);
+                  len, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, o, acc);
               store_block<K, T>(o, len, op_ + b);
-              if constexpr (decltype(DA)::value) dpart[t] = K::sum_block(tbuf, len);
+              if constexpr (decltype(DA)::value) dpart[t] = K::lanes_total(acc);
             }
           });
         });
@@ -180,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
   const float om = static_cast<float>(1.0 - momentum);  // in double, then rounded
   const float fth_v = scalar_value(f_th);
   const float fth = fth_v > 0.f ? fth_v : INFINITY;  // f_th <= 0: no freezing
-  at::Tensor out = at::empty(w.sizes(), w.options());
+  at::Tensor out = empty_output(w.sizes(), w.options());
   const Split sp(w.numel(), C);
   std::vector<double> dpart(damp ? sp.tasks() : 0);
   std::vector<int64_t> cpart(2 * sp.tasks(), 0);
@@ -201,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
         at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
           // The three passes of the tracked core run over sub-blocks of SUB elements: the eight per-element
           // buffers between them then stay in L1 (over whole blocks they took 32 KB and the core slowed 2x).
-          float wbuf[BLOCK], obuf[BLOCK], tbuf[BLOCK], fzb[SUB], ldb[SUB], unb[SUB], weffb[SUB], nflb[SUB],
+          float wbuf[BLOCK], obuf[BLOCK], fzb[SUB], ldb[SUB], unb[SUB], weffb[SUB], nflb[SUB],
               swb[SUB], oscb[SUB], pvb[SUB];
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t b = sp.begin(t), len = sp.len(t);
@@ -209,18 +244,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
             const float* wf = load_block<K, T>(wp + b, len, wbuf);
             float* o = out_block<T>(op_ + b, obuf);
             int64_t nsw = 0, nosc = 0;
+            float acc[K::LANES] = {};
             for (int64_t j = 0; j < len; j += SUB) {
               const int64_t l = std::min(SUB, len - j), e = b + j;
               K::track_decode(l, fl + e, pv + e, fzb, ldb, unb, pvb);
               K::template wtrack_core<decltype(DA)::value>(l, wf + j, s, r, nf, pf, pvb, fzb, ldb, unb, fq + e,
-                                                           em + e, m, om, fth, o + j, tbuf + j, weffb, nflb, swb,
+                                                           em + e, m, om, fth, o + j, acc, weffb, nflb, swb,
                                                            oscb);
               K::track_encode(l, weffb, nflb, swb, oscb, pv + e, fl + e, nsw, nosc);
             }
             store_block<K, T>(o, len, op_ + b);
             cpart[2 * t] = nsw;
             cpart[2 * t + 1] = nosc;
-            if constexpr (decltype(DA)::value) dpart[t] = K::sum_block(tbuf, len);
+            if constexpr (decltype(DA)::value) dpart[t] = K::lanes_total(acc);
           }
         });
       });
@@ -253,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Ten
 
   // coef = 2 * gD / div: one fp32 multiply by 2, one IEEE division
   const float coef = damp ? (2.0f * scalar_value(grad_d)) / static_cast<float>(damp_div) : 0.f;
-  at::Tensor gw = at::empty(w.sizes(), g.options());
+  at::Tensor gw = empty_output(w.sizes(), g.options());
   const Split sp(w.numel(), C);
   std::vector<double> part(sp.tasks());
   const float* sc = scale.const_data_ptr<float>();
@@ -274,17 +310,18 @@ std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Ten
           dispatch_bool(tracked, [&](auto TR) {
             dispatch_bool(damp, [&](auto DA) {
               at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
-                float gbuf[BLOCK], wbuf[BLOCK], obuf[BLOCK], tbuf[BLOCK];
+                float gbuf[BLOCK], wbuf[BLOCK], obuf[BLOCK];
                 for (int64_t t = t0; t < t1; ++t) {
                   const int64_t b = sp.begin(t), len = sp.len(t);
                   const float s = sc[sp.channel(t)], r = 1.0f / s;
                   const float* gf = load_block<K, TG>(gp + b, len, gbuf);
                   const float* wf = load_block<K, TW>(wp + b, len, wbuf);
                   float* o = out_block<TG>(gwp + b, obuf);
+                  float acc[K::LANES] = {};
                   K::template wbwd_core<decltype(ST)::value, decltype(TR)::value, decltype(DA)::value>(
-                      len, gf, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, coef, o, tbuf);
+                      len, gf, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, coef, o, acc);
                   store_block<K, TG>(o, len, gwp + b);
-                  part[t] = K::sum_block(tbuf, len);
+                  part[t] = K::lanes_total(acc);
                 }
               });
             });
@@ -321,7 +358,7 @@ at::Tensor act_fwd(const at::Tensor& x, const at::Tensor& scale, const std::opti
   const float s = *scale.const_data_ptr<float>(), r = 1.0f / s;
   const float o = off ? scalar_value(*offset) : 0.f;
   const float nf = static_cast<float>(n), pf = static_cast<float>(p);
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options());
   const Split sp(x.numel(), 1);
   with_isa([&](auto isa) {
     using K = decltype(isa);
@@ -331,13 +368,14 @@ at::Tensor act_fwd(const at::Tensor& x, const at::Tensor& scale, const std::opti
       T* yp = y.mutable_data_ptr<T>();
       dispatch_bool(off, [&](auto OF) {
         at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+          using U = act_io_t<T>;
           float xbuf[BLOCK], obuf[BLOCK];
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t b = sp.begin(t), len = sp.len(t);
-            const float* xf = load_block<K, T>(xp + b, len, xbuf);
-            float* ob = out_block<T>(yp + b, obuf);
+            const U* xf = load_block<K, T, U>(xp + b, len, xbuf);
+            U* ob = out_block<T, U>(yp + b, obuf);
             K::template afwd_core<decltype(OF)::value>(len, xf, s, r, o, nf, pf, ob);
-            store_block<K, T>(ob, len, yp + b);
+            store_block<K, T, U>(ob, len, yp + b);
           }
         });
       });
@@ -361,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_bwd(const at::Tensor& g, cons
   const float s = *scale.const_data_ptr<float>(), r = 1.0f / s;
   const float o = off ? scalar_value(*offset) : 0.f;
   const float nf = static_cast<float>(n), pf = static_cast<float>(p);
-  at::Tensor gx = at::empty(x.sizes(), g.options());
+  at::Tensor gx = empty_output(x.sizes(), g.options());
   const Split sp(x.numel(), 1);
   std::vector<double> ps(sp.tasks()), po(off ? sp.tasks() : 0);
   with_isa([&](auto isa) {
@@ -375,16 +413,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_bwd(const at::Tensor& g, cons
         TG* gxp = gx.mutable_data_ptr<TG>();
         dispatch_bool(off, [&](auto OF) {
           at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
-            float gbuf[BLOCK], xbuf[BLOCK], obuf[BLOCK], tsb[BLOCK], tob[BLOCK];
+            using UG = act_io_t<TG>;
+            using UX = act_io_t<TX>;
+            float gbuf[BLOCK], xbuf[BLOCK], obuf[BLOCK];
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = sp.begin(t), len = sp.len(t);
-              const float* gf = load_block<K, TG>(gp + b, len, gbuf);
-              const float* xf = load_block<K, TX>(xp + b, len, xbuf);
-              float* ob = out_block<TG>(gxp + b, obuf);
-              K::template abwd_core<decltype(OF)::value>(len, gf, xf, r, o, nf, pf, ob, tsb, tob);
-              store_block<K, TG>(ob, len, gxp + b);
-              ps[t] = K::sum_block(tsb, len);
-              if constexpr (decltype(OF)::value) po[t] = K::sum_block(tob, len);
+              const UG* gf = load_block<K, TG, UG>(gp + b, len, gbuf);
+              const UX* xf = load_block<K, TX, UX>(xp + b, len, xbuf);
+              UG* ob = out_block<TG, UG>(gxp + b, obuf);
+              float as[K::LANES] = {}, ao[K::LANES] = {};
+              K::template abwd_core<decltype(OF)::value>(len, gf, xf, r, o, nf, pf, ob, as, ao);
+              store_block<K, TG, UG>(ob, len, gxp + b);
+              ps[t] = K::lanes_total(as);
+              if constexpr (decltype(OF)::value) po[t] = K::lanes_total(ao);
             }
           });
         });
