@@ -114,6 +114,11 @@ def _i64(C: int, K: int, bc: int, bk: int) -> bool:
 
 def _launch(kernel, grid: int, elems: int, *args, **meta):
     warps = max(1, min(MAX_WARPS, elems // 256))
+    if meta.get("FINAL"):
+        # A one-program grid has no occupancy to win. Uncapped, ptxas aims at several programs per SM and may
+        # spill to get there (sm_90: one register of weight_bwd's [HAS_STATE, FINAL] tiles, where the
+        # div.rn.f32 slow-path call costs registers); the per-thread maximum lets it use what it needs.
+        meta["maxnreg"] = 255
     kernel[(grid,)](*args, **meta, num_warps=warps, enable_fp_fusion=False)
 
 

@@ -145,12 +145,14 @@ def launches(shapes=None, ns=None, dtypes=DTYPES) -> list[Launch]:
 
 @dataclass(frozen=True)
 class Config:
-    """What Triton compiles for a launch: kernel, signature, constexprs, attributes, num_warps (hashable)."""
+    """What Triton compiles for a launch: kernel, signature, constexprs, attributes, num_warps, maxnreg
+    (hashable)."""
     kernel: str
     signature: tuple
     constexprs: tuple
     attrs: tuple
     num_warps: int
+    maxnreg: int | None
     per_element: tuple = field(default=(), compare=False)   # argument names indexed per element
 
     @property
@@ -191,7 +193,7 @@ def specialize(launch: Launch, cap: int = 90) -> Config:
                    if isinstance(a, torch.Tensor) and a.numel() == launch.elems and launch.elems > 1)
     return Config(launch.kernel, tuple(signature.items()), _freeze({k: v for k, v in constexprs.items()}),
                   tuple(sorted((k, tuple(tuple(x) for x in v)) for k, v in attrs.items())), options.num_warps,
-                  per_el)
+                  options.maxnreg, per_el)
 
 
 def _arg_key(a):
@@ -281,7 +283,8 @@ def compile_config(cfg: Config, cap: int) -> Compiled:
     try:
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                                    options={"num_warps": cfg.num_warps, "enable_fp_fusion": False})
+                                    options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg,
+                                             "enable_fp_fusion": False})
     finally:
         for (o, n), v in zip(knobs, old):
             setattr(o, n, v)
@@ -407,8 +410,6 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--shard", default="0/1", help="i/n: compile every n-th config starting at i")
     ap.add_argument("--json", help="write every result here")
-    ap.add_argument("--known", action="append", default=[], metavar="CONFIG",
-                    help="a config (as printed) whose problems are known and reported, not failed; repeatable")
     a = ap.parse_args(argv)
     t0 = time.time()
     every = configs()
@@ -422,10 +423,6 @@ def main(argv=None) -> int:
     t1 = time.time()
     res = compile_all(chosen, archs, a.jobs)
     bad = [(r, r.get("error") or "; ".join(problems(r))) for r in res if r.get("error") or problems(r)]
-    known = [(r, why) for r, why in bad if "error" not in r and r["describe"] in a.known]
-    bad = [(r, why) for r, why in bad if (r, why) not in known]
-    for r, why in known:
-        print(f"aot: KNOWN sm_{r['cap']} {r['describe']}: {why}")
     for cap in archs:
         ok = [r for r in res if r["cap"] == cap and "error" not in r]
         if ok:
