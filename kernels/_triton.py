@@ -333,10 +333,14 @@ def _finalize_kernel(part_ptr, out0_ptr, out1_ptr, R, NC, factor,
         acc = tl.zeros([BLOCK_NC], dtype=tl.int32)
     else:
         acc = tl.zeros([BLOCK_NC], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    # A while loop, not `range(0, R, BLOCK_R)`: triton 3.6's interpreter converts a runtime range bound by
+    # int() of a 1-element array, which NumPy >= 2.4 rejects (triton-lang/triton#9171, fixed in triton 3.8).
+    r0 = 0
+    while r0 < R:
         rows = r0 + tl.arange(0, BLOCK_R)
         v = tl.load(part_ptr + rows[:, None] * NC + cols[None, :], mask=(rows < R)[:, None] & cm[None, :], other=0)
         acc += tl.sum(v, axis=0)
+        r0 += BLOCK_R
     if MODE == 1:
         acc = acc * factor
     elif MODE == 2:
