@@ -243,7 +243,9 @@ class Runner:
         self.meta["e2e"] = dict(batch=p["batch"], res=p["res"],
                                 models=[f"torchvision.models.{a}()" for a in self.args.e2e_archs],
                                 config="W4A4 per-tensor, 8-bit first/last, SGD",
-                                compiled="the model under torch.compile (inductor)" if self.args.e2e_compile else "no")
+                                compiled=(f"the model under torch.compile (inductor, layout_optimization="
+                                          f"{torch._inductor.config.layout_optimization})"
+                                          if self.args.e2e_compile else "no"))
         # CPU: the cpp backend only (the torch backend's step is 2-3x the float one; it would double the run)
         backends = ("triton", "cuda", "torch") if self.device == "cuda" else ("cpp",)
         for arch in self.args.e2e_archs:
@@ -562,6 +564,9 @@ def main(argv=None):
     ap.add_argument("--skip-kernels", action="store_true", help="only the weight-set and end-to-end steps")
     ap.add_argument("--e2e-compile", action="store_true",
                     help="also time the end-to-end steps with the model under torch.compile (minutes of compiling)")
+    ap.add_argument("--no-layout-opt", action="store_true",
+                    help="torch._inductor.config.layout_optimization = False for --e2e-compile (on CPU inductor's "
+                         "channels-last conversion slows both the float and the QAT step)")
     ap.add_argument("--e2e-archs", default=",".join(W.E2E_ARCHS),
                     help="comma-separated torchvision models of the end-to-end steps (default: "
                          f"{','.join(W.E2E_ARCHS)})")
@@ -574,6 +579,8 @@ def main(argv=None):
         ap.error("--device cuda: no CUDA device here")
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
+    if args.no_layout_opt:
+        torch._inductor.config.layout_optimization = False
     torch.manual_seed(0)
     meta, records, tgts = Runner(args).run()
     md = markdown(meta, records, tgts)
