@@ -103,7 +103,7 @@ def _extensions():
     else:
         cxx = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]
         link = ["-fopenmp"]
-    sources = ["csrc/oscqat_C.cpp", "csrc/cpu/quant_cpu.cpp"]
+    sources = ["csrc/oscqat_C.cpp", "csrc/weight_quant_autograd.cpp", "csrc/cpu/quant_cpu.cpp"]
     with_cuda, cuda_home, arch_list, note = _cuda_plan(torch, cpp_extension)
     if with_cuda and cuda_home != cpp_extension.CUDA_HOME:  # before CUDAExtension takes its include/lib dirs
         os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = cuda_home

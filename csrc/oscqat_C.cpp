@@ -32,4 +32,8 @@ TORCH_LIBRARY(oscqat_C, m) {
   m.def("act_fwd(Tensor x, Tensor scale, Tensor? offset, int n, int p) -> Tensor");
   m.def("act_bwd(Tensor g, Tensor x, Tensor scale, Tensor? offset, int n, int p, float grad_scale) "
         "-> (Tensor, Tensor, Tensor)");
+  // The weight quantizer, forward and backward, as one differentiable op (csrc/weight_quant_autograd.cpp).
+  m.def("weight_quant(Tensor w, Tensor scale, Tensor(a!)? prev_int, Tensor(b!)? flags, Tensor(c!)? freq, "
+        "Tensor(d!)? ema, Tensor f_th, int n, int p, float momentum, bool damp, float damp_div, float grad_scale, "
+        "float? s_min) -> (Tensor, Tensor, Tensor)");
 }

@@ -142,6 +142,22 @@ class WeightQuantFn(torch.autograd.Function):
         return (gw, gs.to(scale.dtype)) + (None,) * 12
 
 
+def quantize_weight(w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend,
+                    s_min=None):
+    """`WeightQuantFn.apply(...)`; in eager mode on the cpp and cuda backends the same forward and backward as one
+    C++ op with its own autograd node (oscqat_C::weight_quant, csrc/weight_quant_autograd.cpp): the Python
+    Function's forward and backward cost ~80 us per layer and step, as much as the kernels of a 100K-weight
+    layer. Same kernels, same values."""
+    native = None if torch.compiler.is_compiling() else _native_ops(backend)
+    if native is None:
+        return WeightQuantFn.apply(w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div,
+                                   grad_scale, backend, s_min)
+    prev_int, freq = track_state if track_state is not None else (None, None)
+    w_hat, d, counts = native.weight_quant(w, scale, prev_int, flags, freq, ema, f_th, n, p, float(momentum), damp,
+                                           float(damp_div), float(grad_scale), s_min)
+    return w_hat, d, (counts if track_state is not None else None)
+
+
 # ---------------------------------------------------------------- activations
 @torch.library.custom_op("oscqat::act_quant", mutates_args=())
 def act_quant(x: Tensor, scale: Tensor, offset: Optional[Tensor], n: int, p: int, backend: str) -> Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 from . import backend as _backend
 from . import step_hook, weight_check
 from .config import check_bits, check_scale_min
-from .ops import ActQuantFn, WeightQuantFn
+from .ops import ActQuantFn, quantize_weight
 from .reference import UNINIT, decode_flags
 
 _STATE = ("prev_int", "flags", "freq", "ema")
@@ -174,7 +174,7 @@ class WeightQuantizer(_Checked):
             self._check_weight(w)
         track = first and self.tracking
         state = (self.prev_int, self.freq) if track else None
-        w_hat, d, counts = WeightQuantFn.apply(
+        w_hat, d, counts = quantize_weight(
             w, self.scale, self.flags, self.ema, state, self.freeze_threshold, self.qmin, self.qmax, self.momentum,
             self.dampen, self.damp_div, self.grad_scale, name, self.scale_min)
         if track:
