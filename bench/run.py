@@ -267,7 +267,7 @@ class Runner:
         return dict(device=self.device, device_name=H.device_name(self.device), versions=H.versions(),
                     date=H.now_iso(), loadavg_start=H.loadavg(), uptime_start=H.uptime(),
                     torch_threads=torch.get_num_threads(),
-                    quick=self.args.quick, command=" ".join(["python", "bench/run.py"] + sys.argv[1:]),
+                    quick=self.args.quick, command=" ".join(_env_prefix() + ["python", "bench/run.py"] + sys.argv[1:]),
                     plan={k: v for k, v in self.p.items()},
                     bytes_model={k: v[0] for k, v in W.BYTES_MODEL.items()},
                     settings=dict(weight_bits=W.W_BITS, act_bits=4, momentum=C.MOMENTUM, f_th=C.F_TH,
@@ -387,6 +387,12 @@ def fmt(v, nd=2):
             return f"{v:.1f}"
         return f"{v:.{nd}f}" if abs(v) >= 0.01 else f"{v:.2g}"
     return str(v)
+
+
+def _env_prefix() -> list:
+    """The environment settings that change timings (allocator, threads), as they would prefix the command."""
+    keys = sorted(k for k in os.environ if k.startswith(("MALLOC_", "OMP_", "KMP_", "LD_PRELOAD", "TORCHINDUCTOR_")))
+    return [f"{k}={os.environ[k]}" for k in keys]
 
 
 def markdown(meta, records, tgts) -> str:

@@ -191,7 +191,7 @@ def test_custom_ops_run_the_cpp_kernels():
         assert_bits(a, b, f"output {i}")
 
 
-def _weight_quant_run(fn, c, mode, damp, s_min, grads):
+def _weight_quant_run(fn, c, mode, damp, s_min, grads, name):
     """One forward and backward through `fn` (WeightQuantFn.apply's arguments); returns every output, the state
     after the forward and the gradients of w and the scale."""
     w = c["w"].clone().requires_grad_()
@@ -200,28 +200,29 @@ def _weight_quant_run(fn, c, mode, damp, s_min, grads):
     flags, ema = (st_["flags"], st_["ema"]) if mode != "stateless" else (None, None)
     track = (st_["prev_int"], st_["freq"]) if mode == "tracked" else None
     w_hat, d, counts = fn(w, s, flags, ema, track, c["f_th"], c["n"], c["p"], 0.01, damp, c["damp_div"],
-                          c["grad_scale"], "cpp", s_min)
+                          c["grad_scale"], name, s_min)
     outs = [t for t, g in zip((w_hat, d), grads) if g is not None]
     torch.autograd.backward(outs, [g for g in grads if g is not None])
     return [w_hat, d] + ([counts] if counts is not None else []) + list(st_.values()) + [w.grad, s.grad]
 
 
+@pytest.mark.parametrize("name,device", BACKENDS)
 @pytest.mark.parametrize("mode", ["tracked", "frozen-only", "stateless"])
 @settings(FAST, max_examples=60)
 @given(data=st.data())
-def test_weight_quant_op_matches_the_python_function(mode, data):
+def test_weight_quant_op_matches_the_python_function(name, device, mode, data):
     """oscqat_C::weight_quant (the C++ autograd op eager mode uses) gives WeightQuantFn's bits: outputs, state,
     gradients of w and of the scale (with dampening, without, and with only one of the two outputs used), and
     the scale floor."""
-    _require("cpp", "cpu")
+    _require(name, device)
     from oscqat.ops import WeightQuantFn, quantize_weight
-    c = make_weight_case(**data.draw(weight_cases(device="cpu")))
+    c = make_weight_case(**data.draw(weight_cases(device=device)))
     damp = data.draw(st.booleans())
     s_min = data.draw(st.sampled_from([None, 1e-6, 0.05]))
     used = data.draw(st.sampled_from(["both", "w_hat", "d"]))
     grads = (c["g"] if used != "d" else None, c["grad_d"] if used != "w_hat" else None)
-    a = _weight_quant_run(WeightQuantFn.apply, c, mode, damp, s_min, grads)
-    b = _weight_quant_run(quantize_weight, c, mode, damp, s_min, grads)
+    a = _weight_quant_run(WeightQuantFn.apply, c, mode, damp, s_min, grads, name)
+    b = _weight_quant_run(quantize_weight, c, mode, damp, s_min, grads, name)
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
         assert (x is None) == (y is None), f"output {i}: {x} vs {y}"
