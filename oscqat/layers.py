@@ -1,6 +1,7 @@
 """Drop-in quantized layers: nn.Conv1d/Conv2d/Linear whose weight goes through a WeightQuantizer and whose
 input (optionally) through a QuantAct. Follow one weight: `QuantConv2d.forward` -> `WeightQuantizer.forward`
-(oscqat/quantizers.py) -> `WeightQuantFn` (oscqat/ops.py) -> the backend kernel (oscqat/reference.py,
+(oscqat/quantizers.py) -> `quantize_weight` (oscqat/ops.py: `WeightQuantFn`, or in eager mode on cpp/cuda the C++
+autograd op `oscqat_C::weight_quant`) -> the backend kernel (oscqat/reference.py,
 kernels/, csrc/)."""
 from __future__ import annotations
 
