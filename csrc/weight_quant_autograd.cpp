@@ -51,7 +51,7 @@ class WeightQuant : public torch::autograd::Function<WeightQuant> {
     const Tensor s = s_min.has_value() ? scale.clamp_min(*s_min) : scale;
     const Tensor wc = w.contiguous();
     Tensor prev_int = get(prev_int_), flags = get(flags_), freq = get(freq_), ema = get(ema_);
-    const bool tracked = prev_int.defined();
+    const bool tracked = prev_int_.has_value();
     Tensor w_hat, d, counts;
     if (tracked) {
       static const auto fwd_track = op_handle<FwdTrackSig>("oscqat_C::weight_fwd_track");
@@ -61,7 +61,7 @@ class WeightQuant : public torch::autograd::Function<WeightQuant> {
       for (const Tensor* t : {&prev_int, &flags, &freq, &ema}) torch::autograd::impl::bump_version(*t);
     } else {
       static const auto fwd = op_handle<FwdSig>("oscqat_C::weight_fwd");
-      std::tie(w_hat, d) = fwd.call(wc, s, opt(flags), opt(ema), n, p, damp, damp_div);
+      std::tie(w_hat, d) = fwd.call(wc, s, flags_, ema_, n, p, damp, damp_div);
       counts = at::empty({0}, w.options().dtype(at::kInt));   // an op cannot return an undefined tensor
     }
     ctx->mark_non_differentiable({counts});
