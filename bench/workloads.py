@@ -13,7 +13,7 @@ from torch import nn
 
 import oscqat
 from oscqat.app import models
-from oscqat.ops import ActQuantFn, WeightQuantFn
+from oscqat.ops import ActQuantFn, quantize_weight
 from oscqat.prepare import weight_scale
 from oscqat.quantizers import WeightQuantizer
 
@@ -106,15 +106,15 @@ def build_weight(contender: str, op: str, case: WeightCase, device: str):
         C.check_backend(b, device)
 
         def fwd():
-            return WeightQuantFn.apply(c.alt(), c.scale, st["flags"], st["ema"], (st["prev_int"], st["freq"]), c.f_th,
-                                       WN, WP, C.MOMENTUM, True, c.div, c.gs, b)
+            return quantize_weight(c.alt(), c.scale, st["flags"], st["ema"], (st["prev_int"], st["freq"]), c.f_th,
+                                   WN, WP, C.MOMENTUM, True, c.div, c.gs, b)
         if op == "weight_fwd_track":
             return fwd
         # The graph's own copy of the state: the contenders of a row are built first, then timed round-robin, and
         # another contender's tracked forward on shared state would invalidate this graph (autograd's version check).
         st = {k: v.clone() for k, v in st.items()}
-        w_hat, d, _ = WeightQuantFn.apply(c.ws[0], c.scale, st["flags"], st["ema"], (st["prev_int"], st["freq"]),
-                                          c.f_th, WN, WP, C.MOMENTUM, True, c.div, c.gs, b)
+        w_hat, d, _ = quantize_weight(c.ws[0], c.scale, st["flags"], st["ema"], (st["prev_int"], st["freq"]),
+                                      c.f_th, WN, WP, C.MOMENTUM, True, c.div, c.gs, b)
         return lambda: torch.autograd.grad([w_hat, d], [c.ws[0], c.scale], [c.g, c.gD], retain_graph=True)
 
     if contender == C.COMPILED:
