@@ -32,8 +32,11 @@ TORCH_LIBRARY(oscqat_C, m) {
   m.def("act_fwd(Tensor x, Tensor scale, Tensor? offset, int n, int p) -> Tensor");
   m.def("act_bwd(Tensor g, Tensor x, Tensor scale, Tensor? offset, int n, int p, float grad_scale) "
         "-> (Tensor, Tensor, Tensor)");
-  // The weight quantizer, forward and backward, as one differentiable op (csrc/weight_quant_autograd.cpp).
+  // The step's first forward's checks on the CPU: 0 fine, 1 NaN/Inf (when `finite`), 2 checksum != ref.
+  m.def("check_weight(Tensor w, Tensor scale, Tensor? ref, bool finite) -> int");
+  // The weight quantizer, forward and backward, as one differentiable op (csrc/weight_quant_autograd.cpp);
+  // `check_finite` / `weight_ref`: check_weight first, raising on a non-zero answer (CPU only).
   m.def("weight_quant(Tensor w, Tensor scale, Tensor(a!)? prev_int, Tensor(b!)? flags, Tensor(c!)? freq, "
         "Tensor(d!)? ema, Tensor f_th, int n, int p, float momentum, bool damp, float damp_div, float grad_scale, "
-        "float? s_min) -> (Tensor, Tensor, Tensor)");
+        "float? s_min, bool check_finite=False, Tensor? weight_ref=None) -> (Tensor, Tensor, Tensor)");
 }

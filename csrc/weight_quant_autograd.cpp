@@ -97,7 +97,17 @@ std::tuple<Tensor, Tensor, Tensor> weight_quant(const Tensor& w, const Tensor& s
                                                 const std::optional<Tensor>& flags,
                                                 const std::optional<Tensor>& freq, const std::optional<Tensor>& ema,
                                                 const Tensor& f_th, int64_t n, int64_t p, double momentum, bool damp,
-                                                double damp_div, double grad_scale, std::optional<double> s_min) {
+                                                double damp_div, double grad_scale, std::optional<double> s_min,
+                                                bool check_finite, const std::optional<Tensor>& weight_ref) {
+  if (check_finite || weight_ref.has_value()) {
+    // Before any state is written. oscqat/quantizers.py turns these two messages into NonFiniteError and
+    // WeightChangedError with the layer's name.
+    static const auto check = op_handle<int64_t(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool)>(
+        "oscqat_C::check_weight");
+    const int64_t bad = check.call(w, scale, weight_ref, check_finite);
+    TORCH_CHECK(bad != 1, "oscqat_C.weight_quant: NaN or Inf in the weight or its scale");
+    TORCH_CHECK(bad != 2, "oscqat_C.weight_quant: the weight's checksum differs from weight_ref");
+  }
   TORCH_CHECK(prev_int.has_value() == freq.has_value(),
               "oscqat_C.weight_quant: prev_int and freq must be given together (tracking needs both)");
   TORCH_CHECK(!prev_int.has_value() || (flags.has_value() && ema.has_value()),

@@ -142,19 +142,39 @@ class WeightQuantFn(torch.autograd.Function):
         return (gw, gs.to(scale.dtype)) + (None,) * 12
 
 
+# What oscqat_C::weight_quant raises when its checks fail (csrc/weight_quant_autograd.cpp)
+NONFINITE_IN_OP = "oscqat_C.weight_quant: NaN or Inf in the weight or its scale"
+CHANGED_IN_OP = "oscqat_C.weight_quant: the weight's checksum differs from weight_ref"
+
+
+def _native_weight_op(backend: str):
+    return None if torch.compiler.is_compiling() else _native_ops(backend)
+
+
+def checks_in_op(w: Tensor, backend: str) -> bool:
+    """Whether `quantize_weight` can run the step's first-forward checks in its kernel (check_finite,
+    weight_ref): eager, on the CPU, with the C++ op."""
+    return w.device.type == "cpu" and _native_weight_op(backend) is not None
+
+
 def quantize_weight(w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend,
-                    s_min=None):
+                    s_min=None, check_finite=False, weight_ref=None):
     """`WeightQuantFn.apply(...)`; in eager mode on the cpp and cuda backends the same forward and backward as one
     C++ op with its own autograd node (oscqat_C::weight_quant, csrc/weight_quant_autograd.cpp): the Python
     Function's forward and backward cost ~80 us per layer and step, as much as the kernels of a 100K-weight
-    layer. Same kernels, same values."""
-    native = None if torch.compiler.is_compiling() else _native_ops(backend)
+    layer. Same kernels, same values. `check_finite`, `weight_ref` (only where `checks_in_op`): raise
+    RuntimeError(NONFINITE_IN_OP / CHANGED_IN_OP) before anything is written when `w` or `scale` holds NaN/Inf,
+    or when the checksum of `w` (weight_check.checksum) differs from `weight_ref`."""
+    native = _native_weight_op(backend)
     if native is None:
+        if check_finite or weight_ref is not None:
+            raise ValueError(f"quantize_weight: check_finite/weight_ref need the C++ op in eager mode on the CPU "
+                             f"(backend {backend!r}, device {w.device})")
         return WeightQuantFn.apply(w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div,
                                    grad_scale, backend, s_min)
     prev_int, freq = track_state if track_state is not None else (None, None)
     w_hat, d, counts = native.weight_quant(w, scale, prev_int, flags, freq, ema, f_th, n, p, float(momentum), damp,
-                                           float(damp_div), float(grad_scale), s_min)
+                                           float(damp_div), float(grad_scale), s_min, check_finite, weight_ref)
     return w_hat, d, (counts if track_state is not None else None)
 
 

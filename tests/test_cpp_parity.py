@@ -246,6 +246,66 @@ def test_weight_quant_op_catches_state_mutated_before_backward():
         w_hat.sum().backward()
 
 
+@settings(FAST, max_examples=80)
+@given(data=st.data())
+def test_check_weight_op_agrees_with_the_python_checks(data):
+    """oscqat_C::check_weight (the CPU checks of a step's first forward, run in the C++ op) against
+    torch.isfinite and weight_check.checksum, on big tensors too (several threads' share), with NaN, +-Inf, the
+    largest finite values and subnormals planted anywhere."""
+    _require("cpp", "cpu")
+    from oscqat import weight_check
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    numel = data.draw(st.sampled_from([1, 7, 1000, 70_001, 300_000]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31 - 1)))
+    w = (torch.randn(numel, generator=gen) * 10 ** data.draw(st.integers(-3, 3))).to(dtype)
+    specials = [float("nan"), float("inf"), -float("inf"), torch.finfo(dtype).max, -torch.finfo(dtype).max,
+                torch.finfo(dtype).tiny / 4, 0.0, -0.0]
+    for _ in range(data.draw(st.integers(0, 3))):
+        w[data.draw(st.integers(0, numel - 1))] = data.draw(st.sampled_from(specials))
+    scale = torch.tensor([data.draw(st.sampled_from([0.1, float("nan"), float("inf"), 1e-30]))])
+    finite = bool(torch.isfinite(w).all()) and bool(torch.isfinite(scale).all())
+    ref = weight_check.checksum(w)
+    other = ref + 1
+    check = torch.ops.oscqat_C.check_weight
+    assert check(w, scale, None, True) == (0 if finite else 1)
+    assert check(w, scale, ref, True) == (0 if finite else 1)
+    assert check(w, scale, other, True) == (2 if finite else 1)
+    assert check(w, scale, ref, False) == 0 and check(w, scale, other, False) == 2
+    if w.numel() > 1:
+        assert check(w[::2], scale, weight_check.checksum(w[::2]), False) == 0     # strided: its own elements
+
+
+@pytest.mark.parametrize("bad", ["nan_weight", "inf_scale", "changed"])
+def test_weight_quantizer_checks_in_the_op_before_writing_state(bad):
+    """Eager on the CPU, the C++ op runs the first forward's checks: on a failure nothing of the tracking state is
+    written, the error names the layer, and the quantizer stays armed, so a retried forward is checked again."""
+    _require("cpp", "cpu")
+    import oscqat
+    from oscqat import weight_check
+    q = oscqat.WeightQuantizer((6, 5), 4, track=True, dampen=True, freeze=True, name="blk.weight").train()
+    w = torch.randn(6, 5, requires_grad=True)
+    with oscqat.use_backend("cpp"):
+        q(w).sum().backward()                     # a clean first step
+        q.weight_ref = weight_check.checksum(w)
+        q.arm()
+        with torch.no_grad():
+            if bad == "nan_weight":
+                w[2, 3] = float("nan")
+            elif bad == "inf_scale":
+                q.scale.fill_(float("inf"))
+            else:
+                w[0, 0] += 1.0
+        state = {k: getattr(q, k).clone() for k in ("prev_int", "flags", "freq", "ema")}
+        err = oscqat.WeightChangedError if bad == "changed" else oscqat.NonFiniteError
+        what = {"nan_weight": r"weight has 1 NaN", "inf_scale": r"scale has 1 Inf", "changed": r"the weight changed"}
+        for _ in range(2):
+            with pytest.raises(err, match=rf"^blk.weight: {what[bad]}"):
+                q(w)
+            assert q.armed
+            for k, v in state.items():
+                assert torch.equal(getattr(q, k), v), k
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _good(device="cpu"):
     c = make_weight_case(0, (4, 3), 4, 4, torch.float32, device=device)

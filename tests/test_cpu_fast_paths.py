@@ -26,6 +26,8 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from parity import make_act_case, make_weight_case
     from oscqat import cpp_backend as cb
+    from oscqat.weight_check import checksum
+    check = torch.ops.oscqat_C.check_weight
     torch.set_num_threads(int(sys.argv[3]))
     out = []
     cases = [((33, 65), 33, torch.float32), ((2, 4099), 1, torch.bfloat16), ((96, 64, 3, 3), 96, torch.float16),
@@ -42,6 +44,11 @@ _SCRIPT = textwrap.dedent("""
             for tracked in (False, True):
                 out += list(cb.weight_bwd(c["g"], c["w"], c["scale"], c["flags"], c["ema"], c["grad_d"], c["n"],
                                           c["p"], c["grad_scale"], True, c["damp_div"], tracked))
+            bad = c["w"].clone()
+            bad.view(-1)[-1] = float("nan")
+            ref = checksum(c["w"])
+            out.append(torch.tensor([check(c["w"], c["scale"], ref, True), check(c["w"], c["scale"], ref + 1, True),
+                                     check(bad, c["scale"], ref, True), check(bad, c["scale"], ref, False)]))
         a = make_act_case(seed, shape, 4, dtype, signed=bool(seed % 2), offset=bool(seed % 3), device="cpu")
         out.append(cb.act_fwd(a["x"], a["scale"], a["offset"], a["n"], a["p"]))
         out += list(cb.act_bwd(a["g"], a["x"], a["scale"], a["offset"], a["n"], a["p"], a["grad_scale"]))
@@ -60,6 +67,7 @@ def test_isa_builds_give_the_same_bits(tmp_path):
     _require_cpp()
     results = _run_script(tmp_path, {"best": {}, "avx2": {"OSCQAT_NO_AVX512": "1"}, "base": {"OSCQAT_NO_AVX2": "1"}})
     assert len(results["best"]) > 100
+    assert [r.tolist() for r in results["base"] if r.dtype == torch.int64][:2] == [[0, 2, 1, 2]] * 2  # check_weight
     for other in ("avx2", "base"):
         for i, (a, b) in enumerate(zip(results["best"], results[other])):
             assert_bits(a, b, f"best vs {other}, output {i}")

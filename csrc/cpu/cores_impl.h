@@ -60,6 +60,20 @@ static inline void narrow(int64_t len, const float* __restrict buf, T* __restric
   for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(buf[i]);
 }
 
+// The checks of a step's first forward (oscqat/weight_check.py, docs/semantics.md "Non-finite values") over the
+// bit patterns B of a block: `bad` gets 1 where an element's exponent bits are all ones (NaN or Inf), `sum` the
+// wrapping sum of the patterns (unsigned: wraps as the signed sum of weight_check.checksum does, by definition).
+template <typename B>
+static inline void scan_core(int64_t len, const B* __restrict x, B exp_mask, B& sum, B& bad) {
+  B s = 0, b = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    s = static_cast<B>(s + x[i]);
+    b |= static_cast<B>((x[i] & exp_mask) == exp_mask);
+  }
+  sum = static_cast<B>(sum + s);
+  bad |= b;
+}
+
 // ------------------------------------------------------------------------------------------ fused cores
 // Untracked weight forward: w_hat (as fp32) and, with DAMP, the dampening terms err^2 summed into `acc`.
 template <bool STATE, bool DAMP>

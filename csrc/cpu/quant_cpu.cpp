@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -440,6 +441,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_bwd(const at::Tensor& g, cons
   return {gx, gs, go};
 }
 
+// The checks of a step's first training forward on the CPU (docs/semantics.md, "Non-finite values" and "Weight
+// changed"), in one pass over the weight just before the tracked kernel reads it again, from cache: 1 when
+// `finite` and the weight or scale holds NaN/Inf, else 2 when the weight's checksum (oscqat/weight_check.py)
+// differs from `ref`, else 0. Integer work on the bit patterns: any split over threads gives the same answer.
+template <typename B>
+static int64_t scan_weight(const at::Tensor& w, B exp_mask, const std::optional<at::Tensor>& ref, bool finite) {
+  const B* x = reinterpret_cast<const B*>(w.const_data_ptr());
+  std::atomic<uint64_t> sum{0}, bad{0};
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    at::parallel_for(0, w.numel(), GRAIN_ELEMS, [&](int64_t b, int64_t e) {
+      B s = 0, f = 0;
+      K::template scan_core<B>(e - b, x + b, exp_mask, s, f);
+      sum.fetch_add(s);
+      bad.fetch_or(f);
+    });
+  });
+  if (finite && bad.load()) return 1;
+  if (ref.has_value()) {
+    TORCH_CHECK(ref->numel() == 1 && ref->element_size() == sizeof(B) && ref->device().is_cpu(),
+                "oscqat_C.check_weight: ref must be one CPU integer of the weight's element size, got ",
+                ref->scalar_type(), " with ", ref->numel(), " elements on ", ref->device().str());
+    if (static_cast<B>(sum.load()) != *reinterpret_cast<const B*>(ref->const_data_ptr())) return 2;
+  }
+  return 0;
+}
+
+int64_t check_weight(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& ref,
+                     bool finite) {
+  const char* op = "oscqat_C.check_weight";
+  check_cpu(op, w);
+  check_cpu(op, scale);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be fp32, got ", scale.scalar_type());
+  if (finite) {
+    const at::Tensor sc = scale.contiguous();
+    const float* sp = sc.const_data_ptr<float>();
+    for (int64_t i = 0; i < sc.numel(); ++i)
+      if (!std::isfinite(sp[i])) return 1;
+  }
+  const at::Tensor wc = w.contiguous();
+  switch (wc.scalar_type()) {
+    case at::kFloat: return scan_weight<uint32_t>(wc, 0x7f800000u, ref, finite);
+    case at::kBFloat16: return scan_weight<uint16_t>(wc, 0x7f80u, ref, finite);
+    case at::kHalf: return scan_weight<uint16_t>(wc, 0x7c00u, ref, finite);
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", wc.scalar_type());
+  }
+}
+
 }  // namespace cpu
 }  // namespace oscqat
 
@@ -449,4 +498,5 @@ TORCH_LIBRARY_IMPL(oscqat_C, CPU, m) {
   m.impl("weight_bwd", &oscqat::cpu::weight_bwd);
   m.impl("act_fwd", &oscqat::cpu::act_fwd);
   m.impl("act_bwd", &oscqat::cpu::act_bwd);
+  m.impl("check_weight", &oscqat::cpu::check_weight);
 }
