@@ -244,7 +244,8 @@ class Runner:
                                 models=[f"torchvision.models.{a}()" for a in self.args.e2e_archs],
                                 config="W4A4 per-tensor, 8-bit first/last, SGD",
                                 compiled=(f"the model under torch.compile (inductor, layout_optimization="
-                                          f"{torch._inductor.config.layout_optimization})"
+                                          f"{torch._inductor.config.layout_optimization}, cpp_wrapper="
+                                          f"{torch._inductor.config.cpp_wrapper})"
                                           if self.args.e2e_compile else "no"))
         # CPU: the cpp backend only (the torch backend's step is 2-3x the float one; it would double the run)
         backends = ("triton", "cuda", "torch") if self.device == "cuda" else ("cpp",)
@@ -573,6 +574,9 @@ def main(argv=None):
     ap.add_argument("--no-layout-opt", action="store_true",
                     help="torch._inductor.config.layout_optimization = False for --e2e-compile (on CPU inductor's "
                          "channels-last conversion slows both the float and the QAT step)")
+    ap.add_argument("--cpp-wrapper", action="store_true",
+                    help="torch._inductor.config.cpp_wrapper = True for --e2e-compile (the compiled graphs' wrapper "
+                         "in C++ instead of Python; compiling takes minutes longer)")
     ap.add_argument("--e2e-archs", default=",".join(W.E2E_ARCHS),
                     help="comma-separated torchvision models of the end-to-end steps (default: "
                          f"{','.join(W.E2E_ARCHS)})")
@@ -587,6 +591,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads or 1)
     if args.no_layout_opt:
         torch._inductor.config.layout_optimization = False
+    if args.cpp_wrapper:
+        torch._inductor.config.cpp_wrapper = True
     torch.manual_seed(0)
     meta, records, tgts = Runner(args).run()
     md = markdown(meta, records, tgts)
