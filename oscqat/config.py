@@ -62,6 +62,10 @@ class QATConfig:
     calib_batches: int = 8
     scale_min: float = 1e-6                  # floor of every learned scale (docs/semantics.md, "Scale floor")
     check_finite: bool = True                # NaN/Inf check in each step's first forward (no sync on GPU)
+    # Learn the scale (and offset) of the quantizers of the model's input, those of the input layers? Off, they
+    # keep the calibrated (or first-batch) range: learning it is what makes the first convolution compute its
+    # input gradient, which nothing else needs (resnet18 on CPU: 55 ms of a 430 ms step).
+    learn_input_scale: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -71,7 +75,7 @@ class QATConfig:
             check_bits(self.first_last_bits, "QATConfig.first_last_bits")
         check_bits(self.track_max_bits, "QATConfig.track_max_bits")
         for name in ("per_channel", "quantize_activations", "track", "lsq_grad_scale", "act_offset", "check_finite",
-                     "quantize_frozen_layers"):
+                     "quantize_frozen_layers", "learn_input_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.method not in METHODS:

@@ -117,10 +117,9 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
     if batches == []:
         raise ValueError("oscqat.prepare: calib_data yielded no batch")
     flow = _data_flow(model, targets, config, batches)
+    names = [name for name, _, _ in targets]
+    summary.first = flow.first if config.first_layers is None else _named(config.first_layers, names, "first_layers")
     if config.first_last_bits is not None:
-        names = [name for name, _, _ in targets]
-        summary.first = flow.first if config.first_layers is None else _named(config.first_layers, names,
-                                                                               "first_layers")
         summary.last = flow.last if config.last_layers is None else _named(config.last_layers, names, "last_layers")
         summary.edges_from = "QATConfig" if config.first_layers is not None and config.last_layers is not None \
             else flow.how
@@ -137,11 +136,27 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
                                                    config.asym_act_tail, flow.after, summary.asymmetric)
         summary.calibration = (f"{len(batches)} batch(es), BatchNorm normalising by batch statistics as in "
                                f"training (running statistics left as they were)")
+    if not config.learn_input_scale:
+        summary.fixed_input_scales = fix_input_scales(model, summary.first)
     model._oscqat_config = config
     model.oscqat_summary = summary
     if verbose:
         print(summary.short())
     return model
+
+
+def fix_input_scales(model: nn.Module, first: list[str]) -> list[str]:
+    """QATConfig.learn_input_scale=False: the input quantizers of the input layers `first` keep their range
+    (requires_grad False, so that DDP and the optimizers see a fixed parameter, not an unused one)."""
+    fixed = []
+    for name in first:
+        q = model.get_submodule(name).input_quant
+        if q is not None:
+            for p in (q.scale, q.offset):
+                if p is not None:
+                    p.requires_grad_(False)
+            fixed.append(q.layer_name)
+    return fixed
 
 
 def _named(patterns, names: list[str], field: str) -> list[str]:

@@ -18,6 +18,7 @@ class PrepareSummary:
         self.skipped: list[tuple[str, str, str]] = []
         self.fallbacks: list[tuple[str, str]] = []
         self.first: list[str] = []
+        self.fixed_input_scales: list[str] = []
         self.last: list[str] = []
         self.edges_from = ""
         self.asymmetric: list[tuple[str, str]] = []
@@ -49,6 +50,9 @@ class PrepareSummary:
                          f"output: {len(self.last)}; from {self.edges_from})")
         if c.quantize_activations:
             lines.append(f"  activation calibration: {self.calibration}")
+        if self.fixed_input_scales:
+            lines.append(f"  model input quantizers with a fixed range (QATConfig.learn_input_scale=False): "
+                         f"{', '.join(self.fixed_input_scales)}")
         if self.asymmetric:
             why = Counter("after " + w.split()[1] if w.startswith("after") else "small negative tail"
                           for _, w in self.asymmetric)

@@ -103,6 +103,31 @@ def test_an_optimizer_step_at_most_halves_a_scale():
     assert int(oscqat.scales_at_floor(lin)) == 0
 
 
+def test_the_model_input_quantizer_keeps_its_range_unless_asked():
+    """QATConfig.learn_input_scale=False (the default): the input layer's input quantizer keeps its calibrated
+    range, so the first convolution computes no input gradient (on resnet18 on CPU: 55 of a 430 ms step); every
+    other scale learns. With True it learns too. The range is a fixed parameter (requires_grad False), which DDP and
+    the optimizers accept, not an unused one."""
+    batches = data(2)
+    for learn in (False, True):
+        torch.manual_seed(0)
+        model = oscqat.prepare(cnn(), oscqat.QATConfig(learn_input_scale=learn), calib_data=[batches[0][0]],
+                               verbose=False)
+        first, second = model[0].input_quant, model[3].input_quant
+        assert first.scale.requires_grad == learn and second.scale.requires_grad
+        seen = []
+        model[0].register_forward_pre_hook(lambda m, args: seen.append(m.input_quant(args[0]).requires_grad))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        before = first.scale.detach().clone()
+        x, y = batches[1]
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        opt.step()
+        assert seen == [learn]                       # what the first convolution gets: no gradient to compute
+        assert (first.scale.grad is not None) == learn and second.scale.grad is not None
+        assert torch.equal(first.scale.detach(), before) != learn
+        assert ("model input quantizers with a fixed range" in model.oscqat_summary.short()) != learn
+
+
 def test_calibration_uses_batch_statistics_and_leaves_bn_alone():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Linear(10, 4))
@@ -327,7 +352,7 @@ def test_an_optimizer_built_before_prepare_is_reported():
     model = cnn()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     oscqat.prepare(model, calib_data=[batches[0][0]], verbose=False)
-    with pytest.warns(UserWarning, match=r"no optimizer updates 8 of their scales \(0.weight, 0.input, 3.weight"):
+    with pytest.warns(UserWarning, match=r"no optimizer updates 7 of their scales \(0.weight, 3.weight, 3.input"):
         for _ in range(2):
             F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
             opt.step()

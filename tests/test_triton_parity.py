@@ -225,7 +225,7 @@ def _train(name, per_channel, steps=3):
     order), so every forward output, weight gradient and state must be bit-identical across backends."""
     with oscqat.use_backend(name):
         model, x = _tiny_model(per_channel)
-        lsq = [p for n, p in model.named_parameters() if n.endswith(("scale", "offset"))]
+        lsq = [p for n, p in model.named_parameters() if n.endswith(("scale", "offset")) and p.requires_grad]
         rest = [p for n, p in model.named_parameters() if not n.endswith(("scale", "offset"))]
         opt = torch.optim.SGD(rest, lr=0.5)
         sched = oscqat.QATSchedule(model, steps)
