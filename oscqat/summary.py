@@ -9,7 +9,8 @@ from .config import QATConfig
 class PrepareSummary:
     """`swapped`: (name, float type, quantized layer); `skipped`: (name, type, why it stays in float);
     `fallbacks`: (quantizer, note) where range initialisation could not use the data as is; `first`/`last`: the
-    input/output layers at `first_last_bits` and `edges_from`, how they were found; `asymmetric`: (quantizer,
+    input/output layers (at `first_last_bits`) and `edges_from`, how they were found; `fixed_input_scales`: the
+    model input quantizers kept at their calibrated range (QATConfig.learn_input_scale); `asymmetric`: (quantizer,
     why) for the activation grids with a learned offset; `calibration`: how activation ranges were calibrated."""
 
     def __init__(self, config: QATConfig):
