@@ -273,6 +273,9 @@ def test_check_weight_op_agrees_with_the_python_checks(data):
     assert check(w, scale, ref, False) == 0 and check(w, scale, other, False) == 2
     if w.numel() > 1:
         assert check(w[::2], scale, weight_check.checksum(w[::2]), False) == 0     # strided: its own elements
+    if w.numel() % 100 == 0:                     # dense but not contiguous (a channels_last weight), scanned in place
+        wt = w.view(100, -1).t()
+        assert check(wt, scale, ref, True) == (0 if finite else 1) and check(wt, scale, other, False) == 2
 
 
 @pytest.mark.parametrize("bad", ["nan_weight", "inf_scale", "changed"])

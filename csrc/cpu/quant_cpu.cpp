@@ -480,7 +480,9 @@ int64_t check_weight(const at::Tensor& w, const at::Tensor& scale, const std::op
     for (int64_t i = 0; i < sc.numel(); ++i)
       if (!std::isfinite(sp[i])) return 1;
   }
-  const at::Tensor wc = w.contiguous();
+  // Both answers ignore element order, so a dense layout of any strides (channels_last) is scanned in place;
+  // only a strided view is copied.
+  const at::Tensor wc = w.is_non_overlapping_and_dense() ? w : w.contiguous();
   switch (wc.scalar_type()) {
     case at::kFloat: return scan_weight<uint32_t>(wc, 0x7f800000u, ref, finite);
     case at::kBFloat16: return scan_weight<uint16_t>(wc, 0x7f80u, ref, finite);
