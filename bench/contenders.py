@@ -46,13 +46,19 @@ def contender_names(device: str) -> list[str]:
     return names + ([CPP_OP] if device == "cpu" else [])
 
 
+def batched(name: str) -> str:
+    """The weight-set contender that runs an oscqat backend's quantizers through oscqat.quantize_weights (what a
+    model prepared with QATConfig.batch_weights does): one call for all layers instead of one per layer."""
+    return f"{name} batched"
+
+
 def is_oscqat_backend(name: str) -> bool:
     """A library path (module/Function -> op -> kernel) of an oscqat backend."""
     return name.startswith("oscqat-") and name != CPP_OP
 
 
 def backend_of(name: str) -> str:
-    return name.split("-", 1)[1]
+    return name.split("-", 1)[1].split(" ")[0]
 
 
 def check_backend(b: str, device: str) -> None:

@@ -275,13 +275,14 @@ def build_weightset(contender: str, c: WeightSetCase, device: str):
             q.train()
             qs.append(q)
         scales = [q.scale for q in qs]
+        in_one_call = contender == C.batched(C.oscqat_name(b))
 
         def step():
             ws = c.weights()
             with oscqat.use_backend(b):
                 for q in qs:
                     q.arm()
-                outs = [q(w) for q, w in zip(qs, ws)]
+                outs = oscqat.quantize_weights(qs, ws) if in_one_call else [q(w) for q, w in zip(qs, ws)]
                 damp = torch.stack([q.last_damp for q in qs]).sum()
                 return grad(outs + [damp], ws + scales, c.gs_list + [lam])
         return step

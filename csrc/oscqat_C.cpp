@@ -34,9 +34,17 @@ TORCH_LIBRARY(oscqat_C, m) {
         "-> (Tensor, Tensor, Tensor)");
   // The step's first forward's checks on the CPU: 0 fine, 1 NaN/Inf (when `finite`), 2 checksum != ref.
   m.def("check_weight(Tensor w, Tensor scale, Tensor? ref, bool finite) -> int");
+  // check_weight of every weight of a list in one pass (finite: 0/1 per weight), an answer per weight.
+  m.def("check_weight_list(Tensor[] w, Tensor[] scale, Tensor?[] ref, int[] finite) -> int[]");
   // The weight quantizer, forward and backward, as one differentiable op (csrc/weight_quant_autograd.cpp);
   // `check_finite` / `weight_ref`: check_weight first, raising on a non-zero answer (CPU only).
   m.def("weight_quant(Tensor w, Tensor scale, Tensor(a!)? prev_int, Tensor(b!)? flags, Tensor(c!)? freq, "
         "Tensor(d!)? ema, Tensor f_th, int n, int p, float momentum, bool damp, float damp_div, float grad_scale, "
         "float? s_min, bool check_finite=False, Tensor? weight_ref=None) -> (Tensor, Tensor, Tensor)");
+  // weight_quant of many layers in one call and one autograd node (entry k of every list: layer k); bools as
+  // ints. All layers' checks run before any state is written; a failure names its layer as "[layer k]".
+  m.def("weight_quant_list(Tensor[] w, Tensor[] scale, Tensor(a!)?[] prev_int, Tensor(b!)?[] flags, "
+        "Tensor(c!)?[] freq, Tensor(d!)?[] ema, Tensor[] f_th, int[] n, int[] p, float[] momentum, int[] damp, "
+        "float[] damp_div, float[] grad_scale, float[] s_min, int[] check_finite, Tensor?[] weight_ref) "
+        "-> (Tensor[], Tensor[], Tensor[])");
 }

@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 #include <tuple>
 
 namespace oscqat {
@@ -39,58 +41,97 @@ Tensor get(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(
 // Inputs: w, scale, prev_int, flags, freq, ema (optional: autograd's input bookkeeping needs a device for every
 // tensor it is given, so "none" cannot be an undefined tensor), f_th, then the numbers.
 // Tracked when prev_int is given. Outputs: w_hat, D, counts (empty when untracked).
+// One layer's forward (tracked when prev_int is given): w_hat, D, counts (empty when untracked), and the floored
+// scale the backward uses. The scale floor (docs/semantics.md): max(s, s_min) forward; the gradient reaches the
+// raw scale unchanged.
+struct LayerFwd {
+  Tensor w_hat, d, counts, s;
+};
+
+LayerFwd forward_layer(const Tensor& w, const Tensor& scale, const std::optional<Tensor>& prev_int_,
+                       const std::optional<Tensor>& flags_, const std::optional<Tensor>& freq_,
+                       const std::optional<Tensor>& ema_, const Tensor& f_th, int64_t n, int64_t p, double momentum,
+                       bool damp, double damp_div, std::optional<double> s_min) {
+  LayerFwd r;
+  r.s = s_min.has_value() ? scale.clamp_min(*s_min) : scale;
+  const Tensor wc = w.contiguous();
+  if (prev_int_.has_value()) {
+    static const auto fwd_track = op_handle<FwdTrackSig>("oscqat_C::weight_fwd_track");
+    Tensor prev_int = *prev_int_, flags = get(flags_), freq = *freq_, ema = get(ema_);
+    std::tie(r.w_hat, r.d, r.counts) =
+        fwd_track.call(wc, r.s, prev_int, flags, freq, ema, f_th, n, p, momentum, damp, damp_div);
+    // What the op's (a!) annotations promise autograd: a saved state tensor mutated later is caught.
+    for (const Tensor* t : {&prev_int, &flags, &freq, &ema}) torch::autograd::impl::bump_version(*t);
+  } else {
+    static const auto fwd = op_handle<FwdSig>("oscqat_C::weight_fwd");
+    std::tie(r.w_hat, r.d) = fwd.call(wc, r.s, flags_, ema_, n, p, damp, damp_div);
+    r.counts = at::empty({0}, w.options().dtype(at::kInt));   // an op cannot return an undefined tensor
+  }
+  return r;
+}
+
+// One layer's backward: (grad w, grad scale) from the upstream gradients of w_hat and D (undefined: zero).
+std::pair<Tensor, Tensor> backward_layer(const Tensor& g_hat, const Tensor& g_damp, const Tensor& w, const Tensor& s,
+                                         const Tensor& flags, const Tensor& ema, int64_t n, int64_t p,
+                                         double grad_scale, bool damp, double damp_div, bool tracked) {
+  Tensor g = g_hat.defined() ? g_hat.contiguous() : at::zeros_like(w, at::MemoryFormat::Contiguous);
+  Tensor g_d = g_damp.defined() && damp ? g_damp : at::zeros({}, w.options().dtype(at::kFloat));
+  static const auto bwd = op_handle<BwdSig>("oscqat_C::weight_bwd");
+  auto [gw, gs] = bwd.call(g, w.contiguous(), s, opt(flags), opt(ema), g_d, n, p, grad_scale, damp, damp_div, tracked);
+  return {gw, gs};      // gs: fp32 like the scale (the quantizer keeps its scale in fp32)
+}
+
+// Inputs: w, scale, prev_int, flags, freq, ema (optional: autograd's input bookkeeping needs a device for every
+// tensor it is given, so "none" cannot be an undefined tensor), f_th, then the numbers.
+// Tracked when prev_int is given. Outputs: w_hat, D, counts (empty when untracked).
 class WeightQuant : public torch::autograd::Function<WeightQuant> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& w, const Tensor& scale,
-                               const std::optional<Tensor>& prev_int_, const std::optional<Tensor>& flags_,
-                               const std::optional<Tensor>& freq_, const std::optional<Tensor>& ema_,
+                               const std::optional<Tensor>& prev_int, const std::optional<Tensor>& flags,
+                               const std::optional<Tensor>& freq, const std::optional<Tensor>& ema,
                                const Tensor& f_th, int64_t n, int64_t p,
                                double momentum, bool damp, double damp_div, double grad_scale,
                                std::optional<double> s_min) {
-    // The scale floor (docs/semantics.md): max(s, s_min) forward; the gradient reaches the raw scale unchanged.
-    const Tensor s = s_min.has_value() ? scale.clamp_min(*s_min) : scale;
-    const Tensor wc = w.contiguous();
-    Tensor prev_int = get(prev_int_), flags = get(flags_), freq = get(freq_), ema = get(ema_);
-    const bool tracked = prev_int_.has_value();
-    Tensor w_hat, d, counts;
-    if (tracked) {
-      static const auto fwd_track = op_handle<FwdTrackSig>("oscqat_C::weight_fwd_track");
-      std::tie(w_hat, d, counts) =
-          fwd_track.call(wc, s, prev_int, flags, freq, ema, f_th, n, p, momentum, damp, damp_div);
-      // What the op's (a!) annotations promise autograd: a saved state tensor mutated later is caught.
-      for (const Tensor* t : {&prev_int, &flags, &freq, &ema}) torch::autograd::impl::bump_version(*t);
-    } else {
-      static const auto fwd = op_handle<FwdSig>("oscqat_C::weight_fwd");
-      std::tie(w_hat, d) = fwd.call(wc, s, flags_, ema_, n, p, damp, damp_div);
-      counts = at::empty({0}, w.options().dtype(at::kInt));   // an op cannot return an undefined tensor
-    }
-    ctx->mark_non_differentiable({counts});
-    ctx->save_for_backward({w, s, flags, ema});
+    LayerFwd r = forward_layer(w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp, damp_div, s_min);
+    ctx->mark_non_differentiable({r.counts});
+    ctx->save_for_backward({w, r.s, get(flags), get(ema)});
     ctx->saved_data["n"] = n;
     ctx->saved_data["p"] = p;
     ctx->saved_data["grad_scale"] = grad_scale;
     ctx->saved_data["damp"] = damp;
     ctx->saved_data["damp_div"] = damp_div;
-    ctx->saved_data["tracked"] = tracked;
-    return {w_hat, d, counts};
+    ctx->saved_data["tracked"] = prev_int.has_value();
+    return {r.w_hat, r.d, r.counts};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &w = saved[0], &s = saved[1], &flags = saved[2], &ema = saved[3];
-    const bool damp = ctx->saved_data["damp"].toBool();
-    Tensor g = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(w, at::MemoryFormat::Contiguous);
-    Tensor g_d = grads[1].defined() && damp ? grads[1] : at::zeros({}, w.options().dtype(at::kFloat));
-    static const auto bwd = op_handle<BwdSig>("oscqat_C::weight_bwd");
-    auto [gw, gs] = bwd.call(g, w.contiguous(), s, opt(flags), opt(ema), g_d, ctx->saved_data["n"].toInt(),
-                             ctx->saved_data["p"].toInt(), ctx->saved_data["grad_scale"].toDouble(), damp,
-                             ctx->saved_data["damp_div"].toDouble(), ctx->saved_data["tracked"].toBool());
+    auto [gw, gs] = backward_layer(grads[0], grads[1], saved[0], saved[1], saved[2], saved[3],
+                                   ctx->saved_data["n"].toInt(), ctx->saved_data["p"].toInt(),
+                                   ctx->saved_data["grad_scale"].toDouble(), ctx->saved_data["damp"].toBool(),
+                                   ctx->saved_data["damp_div"].toDouble(), ctx->saved_data["tracked"].toBool());
     variable_list out(14);
     out[0] = gw;
-    out[1] = gs;      // fp32 like the scale (the quantizer keeps its scale in fp32)
+    out[1] = gs;
     return out;
   }
 };
+
+// check_weight's answer as an error; `layer` >= 0 names the layer of a list. oscqat/quantizers.py turns the two
+// messages into NonFiniteError and WeightChangedError with the layer's name.
+void raise_check_failure(int64_t bad, int64_t layer) {
+  const std::string where = layer >= 0 ? " [layer " + std::to_string(layer) + "]" : "";
+  TORCH_CHECK(bad != 1, "oscqat_C.weight_quant: NaN or Inf in the weight or its scale", where);
+  TORCH_CHECK(bad != 2, "oscqat_C.weight_quant: the weight's checksum differs from weight_ref", where);
+}
+
+// The step's first-forward checks (CPU) before any state is written.
+void check_before_writing(const Tensor& w, const Tensor& scale, bool finite, const std::optional<Tensor>& ref) {
+  if (!finite && !ref.has_value()) return;
+  static const auto check = op_handle<int64_t(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool)>(
+      "oscqat_C::check_weight");
+  raise_check_failure(check.call(w, scale, ref, finite), -1);
+}
 
 std::tuple<Tensor, Tensor, Tensor> weight_quant(const Tensor& w, const Tensor& scale,
                                                 const std::optional<Tensor>& prev_int,
@@ -99,15 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> weight_quant(const Tensor& w, const Tensor& s
                                                 const Tensor& f_th, int64_t n, int64_t p, double momentum, bool damp,
                                                 double damp_div, double grad_scale, std::optional<double> s_min,
                                                 bool check_finite, const std::optional<Tensor>& weight_ref) {
-  if (check_finite || weight_ref.has_value()) {
-    // Before any state is written. oscqat/quantizers.py turns these two messages into NonFiniteError and
-    // WeightChangedError with the layer's name.
-    static const auto check = op_handle<int64_t(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool)>(
-        "oscqat_C::check_weight");
-    const int64_t bad = check.call(w, scale, weight_ref, check_finite);
-    TORCH_CHECK(bad != 1, "oscqat_C.weight_quant: NaN or Inf in the weight or its scale");
-    TORCH_CHECK(bad != 2, "oscqat_C.weight_quant: the weight's checksum differs from weight_ref");
-  }
+  check_before_writing(w, scale, check_finite, weight_ref);
   TORCH_CHECK(prev_int.has_value() == freq.has_value(),
               "oscqat_C.weight_quant: prev_int and freq must be given together (tracking needs both)");
   TORCH_CHECK(!prev_int.has_value() || (flags.has_value() && ema.has_value()),
@@ -117,9 +150,143 @@ std::tuple<Tensor, Tensor, Tensor> weight_quant(const Tensor& w, const Tensor& s
   return {out[0], out[1], out[2]};
 }
 
+// ---------------------------------------------------------------------------------------------- list form
+// weight_quant_list: weight_quant of many layers in one call and one autograd node (oscqat.quantize_weights):
+// per layer the same ops, so the same values bit for bit; what it saves is the per-layer Python, op binding and
+// autograd node (~30 us per layer and step on CPU, a third of the MobileNetV2 weight-set step on two threads).
+struct Layer {      // what autograd must not see as inputs: the state, f_th and the numbers
+  std::optional<Tensor> prev_int, flags, freq, ema;
+  Tensor f_th;
+  int64_t n, p;
+  double momentum, damp_div, grad_scale, s_min;
+  bool damp;
+};
+
+// Outputs: w_hat of every layer, then D of every layer, then counts (empty when untracked).
+class WeightQuantList : public torch::autograd::Function<WeightQuantList> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList ws, at::TensorList scales,
+                               const std::vector<Layer>* layers) {
+    const size_t L = ws.size();
+    variable_list w_hat(L), d(L), counts(L), saved;
+    std::vector<int64_t> n(L), p(L), damp(L), tracked(L);
+    std::vector<double> grad_scale(L), damp_div(L);
+    saved.resize(4 * L);
+    for (size_t k = L; k-- > 0;) {
+      const Layer& l = (*layers)[k];
+      LayerFwd r = forward_layer(ws[k], scales[k], l.prev_int, l.flags, l.freq, l.ema, l.f_th, l.n, l.p, l.momentum,
+                                 l.damp, l.damp_div, l.s_min);
+      w_hat[k] = r.w_hat;
+      d[k] = r.d;
+      counts[k] = r.counts;
+      saved[4 * k] = ws[k];
+      saved[4 * k + 1] = r.s;
+      saved[4 * k + 2] = get(l.flags);
+      saved[4 * k + 3] = get(l.ema);
+      n[k] = l.n;
+      p[k] = l.p;
+      grad_scale[k] = l.grad_scale;
+      damp_div[k] = l.damp_div;
+      damp[k] = l.damp;
+      tracked[k] = l.prev_int.has_value();
+    }
+    ctx->mark_non_differentiable(counts);
+    ctx->set_materialize_grads(false);      // tells the backward which layers' outputs no loss used
+    ctx->save_for_backward(saved);
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["grad_scale"] = grad_scale;
+    ctx->saved_data["damp_div"] = damp_div;
+    ctx->saved_data["damp"] = damp;
+    ctx->saved_data["tracked"] = tracked;
+    variable_list out;
+    out.reserve(3 * L);
+    for (const variable_list* part : {&w_hat, &d, &counts}) out.insert(out.end(), part->begin(), part->end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const auto n = ctx->saved_data["n"].toIntVector(), p = ctx->saved_data["p"].toIntVector();
+    const auto grad_scale = ctx->saved_data["grad_scale"].toDoubleVector();
+    const auto damp_div = ctx->saved_data["damp_div"].toDoubleVector();
+    const auto damp = ctx->saved_data["damp"].toIntVector(), tracked = ctx->saved_data["tracked"].toIntVector();
+    const size_t L = n.size();
+    variable_list out(2 * L + 1);      // grad of every w, of every scale, none of the layers' description
+    for (size_t k = L; k-- > 0;) {     // in the order a per-layer backward would run
+      if (!grads[k].defined() && !grads[L + k].defined()) continue;     // a layer that did not run: no gradient
+      const Tensor* sv = &saved[4 * k];
+      std::tie(out[k], out[L + k]) = backward_layer(grads[k], grads[L + k], sv[0], sv[1], sv[2], sv[3], n[k], p[k],
+                                                    grad_scale[k], damp[k], damp_div[k], tracked[k]);
+    }
+    return out;
+  }
+};
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> weight_quant_list(
+    at::TensorList w, at::TensorList scale, const c10::List<std::optional<Tensor>>& prev_int,
+    const c10::List<std::optional<Tensor>>& flags, const c10::List<std::optional<Tensor>>& freq,
+    const c10::List<std::optional<Tensor>>& ema, at::TensorList f_th, at::IntArrayRef n, at::IntArrayRef p,
+    at::ArrayRef<double> momentum, at::IntArrayRef damp, at::ArrayRef<double> damp_div,
+    at::ArrayRef<double> grad_scale, at::ArrayRef<double> s_min, at::IntArrayRef check_finite,
+    const c10::List<std::optional<Tensor>>& weight_ref) {
+  const size_t L = w.size();
+  const char* op = "oscqat_C.weight_quant_list";
+  for (size_t len : {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(), n.size(),
+                     p.size(), momentum.size(), damp.size(), damp_div.size(), grad_scale.size(), s_min.size(),
+                     check_finite.size(), weight_ref.size()})
+    TORCH_CHECK(len == L, op, ": every list needs one entry per layer (", L, " weights, a list of ", len, ")");
+  std::vector<Layer> layers(L);
+  for (size_t k = 0; k < L; ++k) {
+    Layer& l = layers[k];
+    l.prev_int = prev_int.get(k);
+    l.flags = flags.get(k);
+    l.freq = freq.get(k);
+    l.ema = ema.get(k);
+    TORCH_CHECK(l.prev_int.has_value() == l.freq.has_value() &&
+                    (!l.prev_int.has_value() || (l.flags.has_value() && l.ema.has_value())),
+                op, ": layer ", k, ": tracking needs prev_int, flags, freq and ema");
+    l.f_th = f_th[k];
+    l.n = n[k];
+    l.p = p[k];
+    l.momentum = momentum[k];
+    l.damp = damp[k] != 0;
+    l.damp_div = damp_div[k];
+    l.grad_scale = grad_scale[k];
+    l.s_min = s_min[k];
+  }
+  // Every layer's checks before any layer's state is written (a failed step leaves all of them as they were), in
+  // one pass over all the weights that need one (CPU).
+  std::vector<int64_t> which;
+  for (size_t k = 0; k < L; ++k)
+    if (check_finite[k] || weight_ref.get(k).has_value()) which.push_back(static_cast<int64_t>(k));
+  if (!which.empty()) {
+    std::vector<Tensor> cw, cs;
+    c10::List<std::optional<Tensor>> cref;
+    std::vector<int64_t> cfin;
+    for (int64_t k : which) {
+      cw.push_back(w[k]);
+      cs.push_back(scale[k]);
+      cref.push_back(weight_ref.get(k));
+      cfin.push_back(check_finite[k]);
+    }
+    static const auto check = op_handle<std::vector<int64_t>(at::TensorList, at::TensorList,
+                                                             const c10::List<std::optional<Tensor>>&,
+                                                             at::IntArrayRef)>("oscqat_C::check_weight_list");
+    const std::vector<int64_t> bad = check.call(cw, cs, cref, cfin);
+    for (size_t i = 0; i < which.size(); ++i) raise_check_failure(bad[i], which[i]);
+  }
+  variable_list out = WeightQuantList::apply(w, scale, &layers);
+  return {std::vector<Tensor>(out.begin(), out.begin() + L), std::vector<Tensor>(out.begin() + L, out.begin() + 2 * L),
+          std::vector<Tensor>(out.begin() + 2 * L, out.end())};
+}
+
 }  // namespace
 
 // CompositeImplicitAutograd: autograd sees the Function's node, whatever the device of the tensors.
-TORCH_LIBRARY_IMPL(oscqat_C, CompositeImplicitAutograd, m) { m.impl("weight_quant", &weight_quant); }
+TORCH_LIBRARY_IMPL(oscqat_C, CompositeImplicitAutograd, m) {
+  m.impl("weight_quant", &weight_quant);
+  m.impl("weight_quant_list", &weight_quant_list);
+}
 
 }  // namespace oscqat

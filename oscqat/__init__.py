@@ -18,7 +18,7 @@ from .export import (compare_onnxruntime, encodings, export_encodings, export_on
 from .fold import fold_bn
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .prepare import prepare, quant_layers, quantizers, weight_quantizers
-from .quantizers import NonFiniteError, QuantAct, WeightQuantizer
+from .quantizers import NonFiniteError, QuantAct, WeightQuantizer, quantize_weights
 from .report import format_report, oscillation_report
 from .schedule import QATSchedule, arm_tracking, scales_at_floor
 from .summary import PrepareSummary
@@ -29,7 +29,8 @@ __all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", 
            "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightChangedError",
            "WeightQuantizer", "arm_tracking", "dampening_loss", "fold_bn", "format_report", "get_backend", "ops",
            "oscillation_report", "prepare",
-           "quant_layers", "quantization_correction", "quantizers", "reestimate_bn", "scales_at_floor", "set_backend",
+           "quant_layers", "quantization_correction", "quantize_weights", "quantizers", "reestimate_bn", "scales_at_floor",
+           "set_backend",
            "use_backend", "weight_quantizers",
            "FixedQuantAct", "IntConv1d", "IntConv2d", "IntLinear", "compare_onnxruntime", "convert", "encodings",
            "export_encodings", "export_onnx", "export_program", "export_pt2", "onnx_weight_ints"]

@@ -66,6 +66,12 @@ class QATConfig:
     # keep the calibrated (or first-batch) range: learning it is what makes the first convolution compute its
     # input gradient, which nothing else needs (resnet18 on CPU: 55 ms of a 430 ms step).
     learn_input_scale: bool = False
+    # Quantize the weights of all layers in one call (one C++ op, one autograd node) before each training forward
+    # instead of one per layer: ~30 us per layer and step less in eager mode on the cpp/cuda backends. The layers
+    # batched are those that ran in the previous training forward; one that stops running is tracked once more,
+    # and every weight gradient is ready only at the end of backward (DDP cannot overlap their all-reduce).
+    # docs/semantics.md, "Batched weights".
+    batch_weights: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -75,7 +81,7 @@ class QATConfig:
             check_bits(self.first_last_bits, "QATConfig.first_last_bits")
         check_bits(self.track_max_bits, "QATConfig.track_max_bits")
         for name in ("per_channel", "quantize_activations", "track", "lsq_grad_scale", "act_offset", "check_finite",
-                     "quantize_frozen_layers", "learn_input_scale"):
+                     "quantize_frozen_layers", "learn_input_scale", "batch_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QATConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.method not in METHODS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
-from . import step_hook
+from . import step_hook, weight_batch
 from .config import QATConfig
 from .quantizers import QuantAct, WeightQuantizer
 
@@ -38,6 +38,10 @@ class _QuantLayer:
     def __setstate__(self, state):
         super().__setstate__(state)
         step_hook.register(self, layer=True)
+
+    def _quant_weight(self):
+        w_hat = weight_batch.take(self)
+        return self.weight_quant(self.weight) if w_hat is None else w_hat
 
     def _quant_input(self, x):
         return x if self.input_quant is None else self.input_quant(x)
@@ -72,7 +76,7 @@ class QuantConv1d(_QuantLayer, nn.Conv1d):
     _float_kwargs = staticmethod(_conv_kwargs)
 
     def forward(self, x):
-        return self._correct(self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias))
+        return self._correct(self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias))
 
 
 class QuantConv2d(_QuantLayer, nn.Conv2d):
@@ -83,7 +87,7 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
     _float_kwargs = staticmethod(_conv_kwargs)
 
     def forward(self, x):
-        return self._correct(self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias))
+        return self._correct(self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias))
 
 
 class QuantLinear(_QuantLayer, nn.Linear):
@@ -95,7 +99,7 @@ class QuantLinear(_QuantLayer, nn.Linear):
                                                 bias=m.bias is not None))
 
     def forward(self, x):
-        return self._correct(F.linear(self._quant_input(x), self.weight_quant(self.weight), self.bias))
+        return self._correct(F.linear(self._quant_input(x), self._quant_weight(), self.bias))
 
 
 FLOAT_TO_QUANT = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

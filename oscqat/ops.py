@@ -147,14 +147,15 @@ NONFINITE_IN_OP = "oscqat_C.weight_quant: NaN or Inf in the weight or its scale"
 CHANGED_IN_OP = "oscqat_C.weight_quant: the weight's checksum differs from weight_ref"
 
 
-def _native_weight_op(backend: str):
+def native_weight_op(backend: str):
+    """torch.ops.oscqat_C in eager mode on the cpp and cuda backends, else None."""
     return None if torch.compiler.is_compiling() else _native_ops(backend)
 
 
 def checks_in_op(w: Tensor, backend: str) -> bool:
     """Whether `quantize_weight` can run the step's first-forward checks in its kernel (check_finite,
     weight_ref): eager, on the CPU, with the C++ op."""
-    return w.device.type == "cpu" and _native_weight_op(backend) is not None
+    return w.device.type == "cpu" and native_weight_op(backend) is not None
 
 
 def quantize_weight(w, scale, flags, ema, track_state, f_th, n, p, momentum, damp, damp_div, grad_scale, backend,
@@ -165,7 +166,7 @@ def quantize_weight(w, scale, flags, ema, track_state, f_th, n, p, momentum, dam
     layer. Same kernels, same values. `check_finite`, `weight_ref` (only where `checks_in_op`): raise
     RuntimeError(NONFINITE_IN_OP / CHANGED_IN_OP) before anything is written when `w` or `scale` holds NaN/Inf,
     or when the checksum of `w` (weight_check.checksum) differs from `weight_ref`."""
-    native = _native_weight_op(backend)
+    native = native_weight_op(backend)
     if native is None:
         if check_finite or weight_ref is not None:
             raise ValueError(f"quantize_weight: check_finite/weight_ref need the C++ op in eager mode on the CPU "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import weight_batch
 from .bn import _BN
 from .config import QATConfig
 from .graph import Flow, fx_flow, traced_flow
@@ -138,6 +139,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
                                f"training (running statistics left as they were)")
     if not config.learn_input_scale:
         summary.fixed_input_scales = fix_input_scales(model, summary.first)
+    if config.batch_weights:
+        weight_batch.attach(model)
     model._oscqat_config = config
     model.oscqat_summary = summary
     if verbose:

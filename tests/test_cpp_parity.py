@@ -276,6 +276,14 @@ def test_check_weight_op_agrees_with_the_python_checks(data):
     if w.numel() % 100 == 0:                     # dense but not contiguous (a channels_last weight), scanned in place
         wt = w.view(100, -1).t()
         assert check(wt, scale, ref, True) == (0 if finite else 1) and check(wt, scale, other, False) == 2
+    # the list form (one pass over all): each weight's answer is check_weight's, whatever else the list holds
+    clean = torch.randn(3, 70_000, generator=gen)
+    ok = torch.tensor([0.1])
+    part = clean[:, ::3]                        # strided
+    got = torch.ops.oscqat_C.check_weight_list(
+        [w, clean, w, part, part], [scale, ok, scale, ok, ok],
+        [ref, None, other, weight_check.checksum(part), weight_check.checksum(part) + 1], [1, 1, 0, 1, 0])
+    assert got == [check(w, scale, ref, True), 0, check(w, scale, other, False), 0, 2]
 
 
 @pytest.mark.parametrize("bad", ["nan_weight", "inf_scale", "changed"])

@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -491,6 +492,89 @@ int64_t check_weight(const at::Tensor& w, const at::Tensor& scale, const std::op
   }
 }
 
+// check_weight of many weights in one parallel pass: one wake-up of the threads instead of one per weight (at two
+// threads, 53 small scans cost 3x one scan of the same bytes). Per weight 0, 1 or 2 as check_weight.
+std::vector<int64_t> check_weight_list(at::TensorList w, at::TensorList scale,
+                                       const c10::List<std::optional<at::Tensor>>& ref, at::IntArrayRef finite) {
+  const char* op = "oscqat_C.check_weight_list";
+  const size_t L = w.size();
+  TORCH_CHECK(scale.size() == L && ref.size() == L && finite.size() == L, op,
+              ": every list needs one entry per weight");
+  std::vector<int64_t> code(L, 0);
+  std::vector<at::Tensor> wc(L);
+  struct Piece {
+    size_t k;
+    int64_t b, e;
+  };
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  for (size_t k = 0; k < L; ++k) {
+    check_cpu(op, w[k]);
+    check_cpu(op, scale[k]);
+    TORCH_CHECK(scale[k].scalar_type() == at::kFloat, op, ": scale must be fp32, got ", scale[k].scalar_type());
+    const auto dt = w[k].scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": unsupported dtype ", dt);
+    if (finite[k]) {
+      const at::Tensor sc = scale[k].contiguous();
+      const float* sp = sc.const_data_ptr<float>();
+      for (int64_t i = 0; i < sc.numel(); ++i)
+        if (!std::isfinite(sp[i])) code[k] = 1;
+      if (code[k]) continue;
+    }
+    wc[k] = w[k].is_non_overlapping_and_dense() ? w[k] : w[k].contiguous();
+    const int64_t n = wc[k].numel();
+    for (int64_t b = 0; b < n; b += GRAIN_ELEMS) pieces.push_back({k, b, std::min(n, b + GRAIN_ELEMS)});
+    total += n;
+  }
+  std::unique_ptr<std::atomic<uint64_t>[]> sum(new std::atomic<uint64_t>[L]), bad(new std::atomic<uint64_t>[L]);
+  for (size_t k = 0; k < L; ++k) {
+    sum[k].store(0);
+    bad[k].store(0);
+  }
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  with_isa([&](auto isa) {
+    using K = decltype(isa);
+    at::parallel_for(0, np, total < GRAIN_ELEMS ? np : 1, [&](int64_t pb, int64_t pe) {
+      for (int64_t i = pb; i < pe; ++i) {
+        const Piece& pc = pieces[i];
+        const at::Tensor& t = wc[pc.k];
+        if (t.scalar_type() == at::kFloat) {
+          uint32_t s = 0, f = 0;
+          K::template scan_core<uint32_t>(pc.e - pc.b, reinterpret_cast<const uint32_t*>(t.const_data_ptr()) + pc.b, 0x7f800000u, s, f);
+          sum[pc.k].fetch_add(s);
+          bad[pc.k].fetch_or(f);
+        } else {
+          const uint16_t mask = t.scalar_type() == at::kBFloat16 ? 0x7f80u : 0x7c00u;
+          uint16_t s = 0, f = 0;
+          K::template scan_core<uint16_t>(pc.e - pc.b, reinterpret_cast<const uint16_t*>(t.const_data_ptr()) + pc.b,
+                                          mask, s, f);
+          sum[pc.k].fetch_add(s);
+          bad[pc.k].fetch_or(f);
+        }
+      }
+    });
+  });
+  for (size_t k = 0; k < L; ++k) {
+    if (code[k]) continue;
+    if (finite[k] && bad[k].load()) {
+      code[k] = 1;
+      continue;
+    }
+    const std::optional<at::Tensor> r = ref.get(k);
+    if (r.has_value()) {
+      const size_t es = wc[k].element_size();
+      TORCH_CHECK(r->numel() == 1 && r->element_size() == static_cast<int64_t>(es) && r->device().is_cpu(), op,
+                  ": ref must be one CPU integer of the weight's element size, got ", r->scalar_type(), " with ",
+                  r->numel(), " elements on ", r->device().str());
+      const uint64_t got = sum[k].load();
+      const bool same = es == 4 ? static_cast<uint32_t>(got) == *reinterpret_cast<const uint32_t*>(r->const_data_ptr())
+                                : static_cast<uint16_t>(got) == *reinterpret_cast<const uint16_t*>(r->const_data_ptr());
+      if (!same) code[k] = 2;
+    }
+  }
+  return code;
+}
+
 }  // namespace cpu
 }  // namespace oscqat
 
@@ -501,4 +585,5 @@ TORCH_LIBRARY_IMPL(oscqat_C, CPU, m) {
   m.impl("act_fwd", &oscqat::cpu::act_fwd);
   m.impl("act_bwd", &oscqat::cpu::act_bwd);
   m.impl("check_weight", &oscqat::cpu::check_weight);
+  m.impl("check_weight_list", &oscqat::cpu::check_weight_list);
 }
