@@ -29,6 +29,14 @@ TORCH_LIBRARY(oscqat_C, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("weight_bwd(Tensor g, Tensor w, Tensor scale, Tensor? flags, Tensor? ema, Tensor grad_d, int n, int p, "
         "float grad_scale, bool damp, float damp_div, bool tracked) -> (Tensor, Tensor)");
+  // The three weight ops over many tensors (entry k of every list: one call; bools as ints), all tensors' work in
+  // one parallel region (CPU only; oscqat_C::weight_quant_list uses them). A layer is tracked when its prev_int
+  // is given.
+  m.def("weight_fwd_list(Tensor[] w, Tensor[] scale, Tensor(a!)?[] prev_int, Tensor(b!)?[] flags, "
+        "Tensor(c!)?[] freq, Tensor(d!)?[] ema, Tensor[] f_th, int[] n, int[] p, float[] momentum, int[] damp, "
+        "float[] damp_div) -> (Tensor[], Tensor[], Tensor[])");
+  m.def("weight_bwd_list(Tensor[] g, Tensor[] w, Tensor[] scale, Tensor?[] flags, Tensor?[] ema, Tensor[] grad_d, "
+        "int[] n, int[] p, float[] grad_scale, int[] damp, float[] damp_div, int[] tracked) -> (Tensor[], Tensor[])");
   m.def("act_fwd(Tensor x, Tensor scale, Tensor? offset, int n, int p) -> Tensor");
   m.def("act_bwd(Tensor g, Tensor x, Tensor scale, Tensor? offset, int n, int p, float grad_scale) "
         "-> (Tensor, Tensor, Tensor)");

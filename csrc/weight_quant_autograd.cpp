@@ -151,57 +151,80 @@ std::tuple<Tensor, Tensor, Tensor> weight_quant(const Tensor& w, const Tensor& s
 }
 
 // ---------------------------------------------------------------------------------------------- list form
-// weight_quant_list: weight_quant of many layers in one call and one autograd node (oscqat.quantize_weights):
-// per layer the same ops, so the same values bit for bit; what it saves is the per-layer Python, op binding and
-// autograd node (~30 us per layer and step on CPU, a third of the MobileNetV2 weight-set step on two threads).
-struct Layer {      // what autograd must not see as inputs: the state, f_th and the numbers
-  std::optional<Tensor> prev_int, flags, freq, ema;
-  Tensor f_th;
-  int64_t n, p;
-  double momentum, damp_div, grad_scale, s_min;
-  bool damp;
+// weight_quant_list: weight_quant of many layers in one call and one autograd node (oscqat.quantize_weights), the
+// same values bit for bit. What it saves is the per-layer Python, op binding and autograd node (~30 us per layer
+// and step on CPU, a third of the MobileNetV2 weight-set step on two threads); on the CPU all layers' kernels also
+// run in one parallel region (weight_fwd_list, weight_bwd_list).
+using TensorOpts = c10::List<std::optional<Tensor>>;
+using FwdListSig = std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>(
+    at::TensorList, at::TensorList, const TensorOpts&, const TensorOpts&, const TensorOpts&, const TensorOpts&,
+    at::TensorList, at::IntArrayRef, at::IntArrayRef, at::ArrayRef<double>, at::IntArrayRef, at::ArrayRef<double>);
+using BwdListSig = std::tuple<std::vector<Tensor>, std::vector<Tensor>>(
+    at::TensorList, at::TensorList, at::TensorList, const TensorOpts&, const TensorOpts&, at::TensorList,
+    at::IntArrayRef, at::IntArrayRef, at::ArrayRef<double>, at::IntArrayRef, at::ArrayRef<double>, at::IntArrayRef);
+
+struct Layers {     // what autograd must not see as inputs: the state, f_th and the numbers, one entry per layer
+  TensorOpts prev_int, flags, freq, ema;
+  at::TensorList f_th;
+  at::IntArrayRef n, p, damp;
+  at::ArrayRef<double> momentum, damp_div, grad_scale, s_min;
 };
+
+bool all_cpu(at::TensorList ts) {
+  for (const Tensor& t : ts)
+    if (!t.device().is_cpu()) return false;
+  return true;
+}
 
 // Outputs: w_hat of every layer, then D of every layer, then counts (empty when untracked).
 class WeightQuantList : public torch::autograd::Function<WeightQuantList> {
  public:
-  static variable_list forward(AutogradContext* ctx, at::TensorList ws, at::TensorList scales,
-                               const std::vector<Layer>* layers) {
+  static variable_list forward(AutogradContext* ctx, at::TensorList ws, at::TensorList scales, const Layers* l) {
     const size_t L = ws.size();
-    variable_list w_hat(L), d(L), counts(L), saved;
-    std::vector<int64_t> n(L), p(L), damp(L), tracked(L);
-    std::vector<double> grad_scale(L), damp_div(L);
-    saved.resize(4 * L);
-    for (size_t k = L; k-- > 0;) {
-      const Layer& l = (*layers)[k];
-      LayerFwd r = forward_layer(ws[k], scales[k], l.prev_int, l.flags, l.freq, l.ema, l.f_th, l.n, l.p, l.momentum,
-                                 l.damp, l.damp_div, l.s_min);
-      w_hat[k] = r.w_hat;
-      d[k] = r.d;
-      counts[k] = r.counts;
+    std::vector<Tensor> w_hat(L), d(L), counts(L), wc(L), s(L);
+    for (size_t k = 0; k < L; ++k) {
+      s[k] = scales[k].clamp_min(l->s_min[k]);      // the scale floor, as in weight_quant
+      wc[k] = ws[k].contiguous();
+    }
+    if (all_cpu(ws)) {
+      static const auto fwd_list = op_handle<FwdListSig>("oscqat_C::weight_fwd_list");
+      std::tie(w_hat, d, counts) = fwd_list.call(wc, s, l->prev_int, l->flags, l->freq, l->ema, l->f_th, l->n, l->p,
+                                                 l->momentum, l->damp, l->damp_div);
+      for (size_t k = 0; k < L; ++k)
+        if (l->prev_int.get(k).has_value())
+          for (const auto& t : {l->prev_int.get(k), l->flags.get(k), l->freq.get(k), l->ema.get(k)})
+            torch::autograd::impl::bump_version(*t);
+    } else {
+      for (size_t k = 0; k < L; ++k) {
+        LayerFwd r = forward_layer(wc[k], s[k], l->prev_int.get(k), l->flags.get(k), l->freq.get(k), l->ema.get(k),
+                                   l->f_th[k], l->n[k], l->p[k], l->momentum[k], l->damp[k] != 0, l->damp_div[k],
+                                   std::nullopt);
+        w_hat[k] = r.w_hat;
+        d[k] = r.d;
+        counts[k] = r.counts;
+      }
+    }
+    variable_list saved(4 * L);
+    std::vector<int64_t> tracked(L);
+    for (size_t k = 0; k < L; ++k) {
       saved[4 * k] = ws[k];
-      saved[4 * k + 1] = r.s;
-      saved[4 * k + 2] = get(l.flags);
-      saved[4 * k + 3] = get(l.ema);
-      n[k] = l.n;
-      p[k] = l.p;
-      grad_scale[k] = l.grad_scale;
-      damp_div[k] = l.damp_div;
-      damp[k] = l.damp;
-      tracked[k] = l.prev_int.has_value();
+      saved[4 * k + 1] = s[k];
+      saved[4 * k + 2] = get(l->flags.get(k));
+      saved[4 * k + 3] = get(l->ema.get(k));
+      tracked[k] = l->prev_int.get(k).has_value();
     }
     ctx->mark_non_differentiable(counts);
     ctx->set_materialize_grads(false);      // tells the backward which layers' outputs no loss used
     ctx->save_for_backward(saved);
-    ctx->saved_data["n"] = n;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["grad_scale"] = grad_scale;
-    ctx->saved_data["damp_div"] = damp_div;
-    ctx->saved_data["damp"] = damp;
+    ctx->saved_data["n"] = l->n.vec();
+    ctx->saved_data["p"] = l->p.vec();
+    ctx->saved_data["grad_scale"] = l->grad_scale.vec();
+    ctx->saved_data["damp_div"] = l->damp_div.vec();
+    ctx->saved_data["damp"] = l->damp.vec();
     ctx->saved_data["tracked"] = tracked;
     variable_list out;
     out.reserve(3 * L);
-    for (const variable_list* part : {&w_hat, &d, &counts}) out.insert(out.end(), part->begin(), part->end());
+    for (const auto* part : {&w_hat, &d, &counts}) out.insert(out.end(), part->begin(), part->end());
     return out;
   }
 
@@ -213,47 +236,64 @@ class WeightQuantList : public torch::autograd::Function<WeightQuantList> {
     const auto damp = ctx->saved_data["damp"].toIntVector(), tracked = ctx->saved_data["tracked"].toIntVector();
     const size_t L = n.size();
     variable_list out(2 * L + 1);      // grad of every w, of every scale, none of the layers' description
-    for (size_t k = L; k-- > 0;) {     // in the order a per-layer backward would run
-      if (!grads[k].defined() && !grads[L + k].defined()) continue;     // a layer that did not run: no gradient
+    std::vector<size_t> ran;            // layers whose outputs a loss used (the others get no gradient)
+    for (size_t k = 0; k < L; ++k)
+      if (grads[k].defined() || grads[L + k].defined()) ran.push_back(k);
+    if (ran.empty()) return out;
+    if (!saved[0].device().is_cpu()) {
+      for (size_t k : ran) {
+        const Tensor* sv = &saved[4 * k];
+        std::tie(out[k], out[L + k]) = backward_layer(grads[k], grads[L + k], sv[0], sv[1], sv[2], sv[3], n[k], p[k],
+                                                      grad_scale[k], damp[k], damp_div[k], tracked[k]);
+      }
+      return out;
+    }
+    std::vector<Tensor> g, w, s, g_d;
+    TensorOpts flags, ema;
+    std::vector<int64_t> nr, pr, dr, tr;
+    std::vector<double> gsr, ddr;
+    for (size_t k : ran) {
       const Tensor* sv = &saved[4 * k];
-      std::tie(out[k], out[L + k]) = backward_layer(grads[k], grads[L + k], sv[0], sv[1], sv[2], sv[3], n[k], p[k],
-                                                    grad_scale[k], damp[k], damp_div[k], tracked[k]);
+      g.push_back(grads[k].defined() ? grads[k].contiguous() : at::zeros_like(sv[0], at::MemoryFormat::Contiguous));
+      g_d.push_back(grads[L + k].defined() && damp[k] ? grads[L + k]
+                                                      : at::zeros({}, sv[0].options().dtype(at::kFloat)));
+      w.push_back(sv[0].contiguous());
+      s.push_back(sv[1]);
+      flags.push_back(opt(sv[2]));
+      ema.push_back(opt(sv[3]));
+      nr.push_back(n[k]);
+      pr.push_back(p[k]);
+      gsr.push_back(grad_scale[k]);
+      dr.push_back(damp[k]);
+      ddr.push_back(damp_div[k]);
+      tr.push_back(tracked[k]);
+    }
+    static const auto bwd_list = op_handle<BwdListSig>("oscqat_C::weight_bwd_list");
+    auto [gw, gs] = bwd_list.call(g, w, s, flags, ema, g_d, nr, pr, gsr, dr, ddr, tr);
+    for (size_t i = 0; i < ran.size(); ++i) {
+      out[ran[i]] = gw[i];
+      out[L + ran[i]] = gs[i];
     }
     return out;
   }
 };
 
 std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> weight_quant_list(
-    at::TensorList w, at::TensorList scale, const c10::List<std::optional<Tensor>>& prev_int,
-    const c10::List<std::optional<Tensor>>& flags, const c10::List<std::optional<Tensor>>& freq,
-    const c10::List<std::optional<Tensor>>& ema, at::TensorList f_th, at::IntArrayRef n, at::IntArrayRef p,
+    at::TensorList w, at::TensorList scale, const TensorOpts& prev_int, const TensorOpts& flags,
+    const TensorOpts& freq, const TensorOpts& ema, at::TensorList f_th, at::IntArrayRef n, at::IntArrayRef p,
     at::ArrayRef<double> momentum, at::IntArrayRef damp, at::ArrayRef<double> damp_div,
     at::ArrayRef<double> grad_scale, at::ArrayRef<double> s_min, at::IntArrayRef check_finite,
-    const c10::List<std::optional<Tensor>>& weight_ref) {
+    const TensorOpts& weight_ref) {
   const size_t L = w.size();
   const char* op = "oscqat_C.weight_quant_list";
   for (size_t len : {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(), n.size(),
                      p.size(), momentum.size(), damp.size(), damp_div.size(), grad_scale.size(), s_min.size(),
                      check_finite.size(), weight_ref.size()})
     TORCH_CHECK(len == L, op, ": every list needs one entry per layer (", L, " weights, a list of ", len, ")");
-  std::vector<Layer> layers(L);
   for (size_t k = 0; k < L; ++k) {
-    Layer& l = layers[k];
-    l.prev_int = prev_int.get(k);
-    l.flags = flags.get(k);
-    l.freq = freq.get(k);
-    l.ema = ema.get(k);
-    TORCH_CHECK(l.prev_int.has_value() == l.freq.has_value() &&
-                    (!l.prev_int.has_value() || (l.flags.has_value() && l.ema.has_value())),
-                op, ": layer ", k, ": tracking needs prev_int, flags, freq and ema");
-    l.f_th = f_th[k];
-    l.n = n[k];
-    l.p = p[k];
-    l.momentum = momentum[k];
-    l.damp = damp[k] != 0;
-    l.damp_div = damp_div[k];
-    l.grad_scale = grad_scale[k];
-    l.s_min = s_min[k];
+    const bool pi = prev_int.get(k).has_value();
+    TORCH_CHECK(pi == freq.get(k).has_value() && (!pi || (flags.get(k).has_value() && ema.get(k).has_value())), op,
+                ": layer ", k, ": tracking needs prev_int, flags, freq and ema");
   }
   // Every layer's checks before any layer's state is written (a failed step leaves all of them as they were), in
   // one pass over all the weights that need one (CPU).
@@ -262,7 +302,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> weight
     if (check_finite[k] || weight_ref.get(k).has_value()) which.push_back(static_cast<int64_t>(k));
   if (!which.empty()) {
     std::vector<Tensor> cw, cs;
-    c10::List<std::optional<Tensor>> cref;
+    TensorOpts cref;
     std::vector<int64_t> cfin;
     for (int64_t k : which) {
       cw.push_back(w[k]);
@@ -270,12 +310,12 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> weight
       cref.push_back(weight_ref.get(k));
       cfin.push_back(check_finite[k]);
     }
-    static const auto check = op_handle<std::vector<int64_t>(at::TensorList, at::TensorList,
-                                                             const c10::List<std::optional<Tensor>>&,
+    static const auto check = op_handle<std::vector<int64_t>(at::TensorList, at::TensorList, const TensorOpts&,
                                                              at::IntArrayRef)>("oscqat_C::check_weight_list");
     const std::vector<int64_t> bad = check.call(cw, cs, cref, cfin);
     for (size_t i = 0; i < which.size(); ++i) raise_check_failure(bad[i], which[i]);
   }
+  const Layers layers{prev_int, flags, freq, ema, f_th, n, p, damp, momentum, damp_div, grad_scale, s_min};
   variable_list out = WeightQuantList::apply(w, scale, &layers);
   return {std::vector<Tensor>(out.begin(), out.begin() + L), std::vector<Tensor>(out.begin() + L, out.begin() + 2 * L),
           std::vector<Tensor>(out.begin() + 2 * L, out.end())};

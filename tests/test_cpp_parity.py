@@ -102,7 +102,7 @@ def _run_all(c):
 
 @pytest.mark.parametrize("shape,channels", [((1, 600_000), 1), ((64, 8192), 64)])
 def test_cpu_results_do_not_depend_on_thread_count(shape, channels):
-    """Big enough for at::parallel_for to split the work (csrc/cpu: at least 2^18 elements per thread): the
+    """Big enough for at::parallel_for to split the work (csrc/cpu: at least 2^15 elements per thread): the
     one-thread results match the reference, the four-thread ones match those bit for bit."""
     _require("cpp", "cpu")
     c = make_weight_case(5, shape, channels, 3, torch.float32, device="cpu")
@@ -117,6 +117,74 @@ def test_cpu_results_do_not_depend_on_thread_count(shape, channels):
         torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(one, four)):
         assert_bits(a, b, f"1 vs 4 threads, output {i}")
+
+
+LIST_SHAPES = [((5, 7), 1), ((5, 7), 5), ((1, 70_001), 1), ((96, 64, 3, 3), 96), ((960, 1, 3, 3), 960),
+               ((4, 100_003), 1), ((32, 3, 3, 3), 32)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_list_ops_equal_the_ops_one_by_one(data):
+    """oscqat_C::weight_fwd_list / weight_bwd_list (all layers' tasks in one parallel region, split by elements
+    across layer boundaries) give each layer the bits of weight_fwd_track / weight_fwd / weight_bwd called alone,
+    at any thread count: tracked and untracked layers, with and without state, fp32/bf16/fp16, per tensor and
+    per channel, mixed in one list."""
+    _require("cpp", "cpu")
+    ops = torch.ops.oscqat_C
+    layers = []
+    for i in range(data.draw(st.integers(1, 5))):
+        shape, channels = data.draw(st.sampled_from(LIST_SHAPES))
+        dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+        c = make_weight_case(data.draw(st.integers(0, 999)), shape, channels, data.draw(st.integers(2, 8)), dtype)
+        c.update(tracked=data.draw(st.booleans()), state=data.draw(st.booleans()), damp=data.draw(st.booleans()),
+                 momentum=data.draw(st.sampled_from([0.001, 0.3])))
+        layers.append(c)
+    keys = ("prev_int", "flags", "freq", "ema")
+
+    def fresh():
+        return [{k: c[k].clone() for k in keys} for c in layers]
+
+    def opt(c, st_, k):
+        return st_[k] if c["tracked"] or (c["state"] and k in ("flags", "ema")) else None
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_state = [], fresh()
+        for c, st_ in zip(layers, one_state):
+            if c["tracked"]:
+                out = ops.weight_fwd_track(c["w"], c["scale"], *st_.values(), c["f_th"], c["n"], c["p"],
+                                           c["momentum"], c["damp"], c["damp_div"])
+            else:
+                out = ops.weight_fwd(c["w"], c["scale"], opt(c, st_, "flags"), opt(c, st_, "ema"), c["n"], c["p"],
+                                     c["damp"], c["damp_div"])
+            one.append(list(out) + list(ops.weight_bwd(
+                c["g"], c["w"], c["scale"], opt(c, st_, "flags"), opt(c, st_, "ema"), c["grad_d"], c["n"], c["p"],
+                c["grad_scale"], c["damp"], c["damp_div"], c["tracked"])))
+        for n_threads in (1, 2, 4):
+            torch.set_num_threads(n_threads)
+            st_list = fresh()
+            args = [[c[k] for c in layers] for k in ("w", "scale")]
+            w_hat, d, counts = ops.weight_fwd_list(
+                *args, *[[opt(c, s, k) for c, s in zip(layers, st_list)] for k in keys], [c["f_th"] for c in layers],
+                [c["n"] for c in layers], [c["p"] for c in layers], [c["momentum"] for c in layers],
+                [int(c["damp"]) for c in layers], [c["damp_div"] for c in layers])
+            gw, gs = ops.weight_bwd_list(
+                [c["g"] for c in layers], *args, [opt(c, s, "flags") for c, s in zip(layers, st_list)],
+                [opt(c, s, "ema") for c, s in zip(layers, st_list)], [c["grad_d"] for c in layers],
+                [c["n"] for c in layers], [c["p"] for c in layers], [c["grad_scale"] for c in layers],
+                [int(c["damp"]) for c in layers], [c["damp_div"] for c in layers],
+                [int(c["tracked"]) for c in layers])
+            for i, c in enumerate(layers):
+                got = [w_hat[i], d[i]] + ([counts[i]] if c["tracked"] else []) + [gw[i], gs[i]]
+                for j, (a, b) in enumerate(zip(one[i], got)):
+                    assert_bits(a, b, f"layer {i} output {j} at {n_threads} threads")
+                for k in keys:
+                    assert_bits(one_state[i][k], st_list[i][k], f"layer {i} {k} at {n_threads} threads")
+                assert c["tracked"] or counts[i].numel() == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_baseline_isa_build_gives_the_same_bits():

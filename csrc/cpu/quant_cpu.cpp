@@ -3,7 +3,7 @@
 // Each op is one fused pass over the tensor. Work is cut into fixed tasks -- (channel, block of at most BLOCK
 // elements of that channel) -- independent of the thread count; at::parallel_for runs whole tasks, each task
 // writes its own partial sums, and the partials are added in task order afterwards. So every result is the
-// same, bit for bit, whatever the number of threads. Threads are used only from 2^18 elements per thread up:
+// same, bit for bit, whatever the number of threads. Threads are used only from 2^15 elements per thread up:
 // waking OpenMP threads costs more than it saves below that, and far more on a machine whose cores are busy.
 //
 // Bit-exactness: arithmetic is fp32 in the order of the semantics; this file is compiled with
@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -153,34 +154,81 @@ static double sum_partials(const std::vector<double>& v, int64_t begin, int64_t 
   return acc;
 }
 
-// ------------------------------------------------------------------------------------------ ops
-std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Tensor& scale,
-                                              const std::optional<at::Tensor>& flags,
-                                              const std::optional<at::Tensor>& ema, int64_t n, int64_t p,
-                                              bool damp, double damp_div) {
-  const char* op = "oscqat_C.weight_fwd";
-  check_cpu(op, w);
-  const WeightArgs args = check_weight_fwd_args(op, w, scale, flags, ema, n, p, damp, damp_div);
-  const int64_t C = args.channels;
-  const bool state = args.state;
+// ------------------------------------------------------------------------------------------ jobs
+// One weight op on one tensor: its tasks and what a range of them does. A task writes only its own elements and
+// its own partial sums, which the op reduces in task order at the end, so any split of the tasks over threads,
+// and any grouping with other tensors' tasks (run_jobs), gives the same bits.
+struct Job {
+  Split sp;
+  std::function<void(int64_t, int64_t)> run;  // tasks [t0, t1)
+};
 
-  at::Tensor out = empty_output(w.sizes(), w.options());
-  const Split sp(w.numel(), C);
-  std::vector<double> dpart(damp ? sp.tasks() : 0);
-  const float* sc = scale.const_data_ptr<float>();
-  const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
-  const float* em = state ? ema->const_data_ptr<float>() : nullptr;
-  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+// The first task of `sp` that starts at or after element e (0 <= e <= numel).
+static int64_t task_at(const Split& sp, int64_t e) {
+  const int64_t c = e / sp.per_ch, r = e % sp.per_ch;
+  return c * sp.nb + std::min(sp.nb, (r + BLOCK - 1) / BLOCK);
+}
 
-  with_isa([&](auto isa) {
-    using K = decltype(isa);
-    dispatch_float(w.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      const T* wp = w.const_data_ptr<T>();
-      T* op_ = out.mutable_data_ptr<T>();
-      dispatch_bool(state, [&](auto ST) {
-        dispatch_bool(damp, [&](auto DA) {
-          at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+// The jobs in one parallel region: the threads share out the elements of all of them (a task goes to the thread
+// whose share holds its first element). A weight set's 53 layers then wake the threads once, not 53 times, and
+// its small layers no longer run on one thread while the others wait.
+static void run_jobs(const std::vector<Job>& all) {
+  std::vector<const Job*> jobs;
+  for (const Job& j : all)
+    if (j.sp.tasks() > 0) jobs.push_back(&j);
+  if (jobs.size() == 1) {
+    at::parallel_for(0, jobs[0]->sp.tasks(), jobs[0]->sp.grain(), jobs[0]->run);
+    return;
+  }
+  std::vector<int64_t> first(jobs.size() + 1, 0);  // each job's first element, numbering all jobs' elements
+  for (size_t k = 0; k < jobs.size(); ++k) first[k + 1] = first[k] + jobs[k]->sp.C * jobs[k]->sp.per_ch;
+  at::parallel_for(0, first.back(), GRAIN_ELEMS, [&](int64_t e0, int64_t e1) {
+    size_t k = std::upper_bound(first.begin(), first.end(), e0) - first.begin() - 1;
+    for (; k < jobs.size() && first[k] < e1; ++k) {
+      const Split& sp = jobs[k]->sp;
+      const int64_t t0 = task_at(sp, std::max<int64_t>(e0 - first[k], 0));
+      const int64_t t1 = task_at(sp, std::min(e1, first[k + 1]) - first[k]);
+      if (t1 > t0) jobs[k]->run(t0, t1);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ weight ops
+// Each op as a job (the tasks) and a result (the reductions), for the single-tensor ops and their list forms.
+struct WeightFwd {
+  at::Tensor w, scale, out;
+  std::optional<at::Tensor> flags, ema;
+  bool state, damp;
+  float nf, pf, damp_div;
+  Split sp;
+  std::vector<double> dpart;
+
+  WeightFwd(const char* op, const at::Tensor& w_, const at::Tensor& scale_, const std::optional<at::Tensor>& flags_,
+            const std::optional<at::Tensor>& ema_, int64_t n, int64_t p, bool damp_, double damp_div_)
+      : w(w_), scale(scale_), flags(flags_), ema(ema_), damp(damp_), nf(static_cast<float>(n)),
+        pf(static_cast<float>(p)), damp_div(static_cast<float>(damp_div_)), sp(1, 1) {
+    check_cpu(op, w);
+    const WeightArgs args = check_weight_fwd_args(op, w, scale, flags, ema, n, p, damp, damp_div_);
+    state = args.state;
+    out = empty_output(w.sizes(), w.options());
+    sp = Split(w.numel(), args.channels);
+    dpart.resize(damp ? sp.tasks() : 0);
+  }
+
+  Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
+
+  void run(int64_t t0, int64_t t1) {
+    const float* sc = scale.const_data_ptr<float>();
+    const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
+    const float* em = state ? ema->const_data_ptr<float>() : nullptr;
+    with_isa([&](auto isa) {
+      using K = decltype(isa);
+      dispatch_float(w.scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        const T* wp = w.const_data_ptr<T>();
+        T* op_ = out.mutable_data_ptr<T>();
+        dispatch_bool(state, [&](auto ST) {
+          dispatch_bool(damp, [&](auto DA) {
             float wbuf[BLOCK], obuf[BLOCK];
             for (int64_t t = t0; t < t1; ++t) {
               const int64_t b = sp.begin(t), len = sp.len(t);
@@ -197,49 +245,56 @@ std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Ten
         });
       });
     });
-  });
-  const float d = damp ? static_cast<float>(sum_partials(dpart, 0, sp.tasks())) / static_cast<float>(damp_div)
-                       : 0.f;
-  return {out, f32_scalar(d)};
-}
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor& w, const at::Tensor& scale,
-                                                                at::Tensor& prev_int, at::Tensor& flags,
-                                                                at::Tensor& freq, at::Tensor& ema,
-                                                                const at::Tensor& f_th, int64_t n, int64_t p,
-                                                                double momentum, bool damp, double damp_div) {
-  const char* op = "oscqat_C.weight_fwd_track";
-  check_cpu(op, w);
-  const int64_t C = check_weight_fwd_track_args(op, w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp,
-                                                damp_div);
+  float d() const { return damp ? static_cast<float>(sum_partials(dpart, 0, sp.tasks())) / damp_div : 0.f; }
+};
 
-  const float m = static_cast<float>(momentum);
-  const float om = static_cast<float>(1.0 - momentum);  // in double, then rounded
-  const float fth_v = scalar_value(f_th);
-  const float fth = fth_v > 0.f ? fth_v : INFINITY;  // f_th <= 0: no freezing
-  at::Tensor out = empty_output(w.sizes(), w.options());
-  const Split sp(w.numel(), C);
-  std::vector<double> dpart(damp ? sp.tasks() : 0);
-  std::vector<int64_t> cpart(2 * sp.tasks(), 0);
-  const float* sc = scale.const_data_ptr<float>();
-  int8_t* pv = prev_int.mutable_data_ptr<int8_t>();
-  int8_t* fl = flags.mutable_data_ptr<int8_t>();
-  float* fq = freq.mutable_data_ptr<float>();
-  float* em = ema.mutable_data_ptr<float>();
-  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+struct WeightFwdTrack {
+  at::Tensor w, scale, prev_int, flags, freq, ema, out;
+  bool damp;
+  float nf, pf, m, om, fth, damp_div;
+  Split sp;
+  std::vector<double> dpart;
+  std::vector<int64_t> cpart;
 
-  with_isa([&](auto isa) {
-    using K = decltype(isa);
-    dispatch_float(w.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      const T* wp = w.const_data_ptr<T>();
-      T* op_ = out.mutable_data_ptr<T>();
-      dispatch_bool(damp, [&](auto DA) {
-        at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+  WeightFwdTrack(const char* op, const at::Tensor& w_, const at::Tensor& scale_, const at::Tensor& prev_int_,
+                 const at::Tensor& flags_, const at::Tensor& freq_, const at::Tensor& ema_, const at::Tensor& f_th,
+                 int64_t n, int64_t p, double momentum, bool damp_, double damp_div_)
+      : w(w_), scale(scale_), prev_int(prev_int_), flags(flags_), freq(freq_), ema(ema_), damp(damp_),
+        nf(static_cast<float>(n)), pf(static_cast<float>(p)), m(static_cast<float>(momentum)),
+        om(static_cast<float>(1.0 - momentum)),  // in double, then rounded
+        damp_div(static_cast<float>(damp_div_)), sp(1, 1) {
+    check_cpu(op, w);
+    const int64_t C = check_weight_fwd_track_args(op, w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum,
+                                                  damp, damp_div_);
+    const float fth_v = scalar_value(f_th);
+    fth = fth_v > 0.f ? fth_v : INFINITY;  // f_th <= 0: no freezing
+    out = empty_output(w.sizes(), w.options());
+    sp = Split(w.numel(), C);
+    dpart.resize(damp ? sp.tasks() : 0);
+    cpart.assign(2 * sp.tasks(), 0);
+  }
+
+  Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
+
+  void run(int64_t t0, int64_t t1) {
+    const float* sc = scale.const_data_ptr<float>();
+    int8_t* pv = prev_int.mutable_data_ptr<int8_t>();
+    int8_t* fl = flags.mutable_data_ptr<int8_t>();
+    float* fq = freq.mutable_data_ptr<float>();
+    float* em = ema.mutable_data_ptr<float>();
+    with_isa([&](auto isa) {
+      using K = decltype(isa);
+      dispatch_float(w.scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        const T* wp = w.const_data_ptr<T>();
+        T* op_ = out.mutable_data_ptr<T>();
+        dispatch_bool(damp, [&](auto DA) {
           // The three passes of the tracked core run over sub-blocks of SUB elements: the eight per-element
           // buffers between them then stay in L1 (over whole blocks they took 32 KB and the core slowed 2x).
-          float wbuf[BLOCK], obuf[BLOCK], fzb[SUB], ldb[SUB], unb[SUB], weffb[SUB], nflb[SUB],
-              swb[SUB], oscb[SUB], pvb[SUB];
+          float wbuf[BLOCK], obuf[BLOCK], fzb[SUB], ldb[SUB], unb[SUB], weffb[SUB], nflb[SUB], swb[SUB], oscb[SUB],
+              pvb[SUB];
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t b = sp.begin(t), len = sp.len(t);
             const float s = sc[sp.channel(t)], r = 1.0f / s;
@@ -251,8 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
               const int64_t l = std::min(SUB, len - j), e = b + j;
               K::track_decode(l, fl + e, pv + e, fzb, ldb, unb, pvb);
               K::template wtrack_core<decltype(DA)::value>(l, wf + j, s, r, nf, pf, pvb, fzb, ldb, unb, fq + e,
-                                                           em + e, m, om, fth, o + j, acc, weffb, nflb, swb,
-                                                           oscb);
+                                                           em + e, m, om, fth, o + j, acc, weffb, nflb, swb, oscb);
               K::track_encode(l, weffb, nflb, swb, oscb, pv + e, fl + e, nsw, nosc);
             }
             store_block<K, T>(o, len, op_ + b);
@@ -263,55 +317,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
         });
       });
     });
-  });
-  int64_t nsw = 0, nosc = 0;
-  for (int64_t t = 0; t < sp.tasks(); ++t) {
-    nsw += cpart[2 * t];
-    nosc += cpart[2 * t + 1];
   }
-  at::Tensor counts = at::empty({2}, at::TensorOptions().dtype(at::kInt));
-  counts.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(nsw);
-  counts.mutable_data_ptr<int32_t>()[1] = static_cast<int32_t>(nosc);
-  const float d = damp ? static_cast<float>(sum_partials(dpart, 0, sp.tasks())) / static_cast<float>(damp_div)
-                       : 0.f;
-  return {out, f32_scalar(d), counts};
-}
 
-std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Tensor& w, const at::Tensor& scale,
-                                              const std::optional<at::Tensor>& flags,
-                                              const std::optional<at::Tensor>& ema, const at::Tensor& grad_d,
-                                              int64_t n, int64_t p, double grad_scale, bool damp, double damp_div,
-                                              bool tracked) {
-  const char* op = "oscqat_C.weight_bwd";
-  check_cpu(op, g);
-  const WeightArgs args = check_weight_bwd_args(op, g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp,
-                                                damp_div);
-  const int64_t C = args.channels;
-  const bool state = args.state;
+  float d() const { return damp ? static_cast<float>(sum_partials(dpart, 0, sp.tasks())) / damp_div : 0.f; }
 
-  // coef = 2 * gD / div: one fp32 multiply by 2, one IEEE division
-  const float coef = damp ? (2.0f * scalar_value(grad_d)) / static_cast<float>(damp_div) : 0.f;
-  at::Tensor gw = empty_output(w.sizes(), g.options());
-  const Split sp(w.numel(), C);
-  std::vector<double> part(sp.tasks());
-  const float* sc = scale.const_data_ptr<float>();
-  const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
-  const float* em = state ? ema->const_data_ptr<float>() : nullptr;
-  const float nf = static_cast<float>(n), pf = static_cast<float>(p);
+  at::Tensor counts() const {
+    int64_t nsw = 0, nosc = 0;
+    for (int64_t t = 0; t < sp.tasks(); ++t) {
+      nsw += cpart[2 * t];
+      nosc += cpart[2 * t + 1];
+    }
+    at::Tensor c = at::empty({2}, at::TensorOptions().dtype(at::kInt));
+    c.mutable_data_ptr<int32_t>()[0] = static_cast<int32_t>(nsw);
+    c.mutable_data_ptr<int32_t>()[1] = static_cast<int32_t>(nosc);
+    return c;
+  }
+};
 
-  with_isa([&](auto isa) {
-    using K = decltype(isa);
-    dispatch_float(g.scalar_type(), [&](auto gtag) {
-      using TG = decltype(gtag);
-      dispatch_float(w.scalar_type(), [&](auto wtag) {
-        using TW = decltype(wtag);
-        const TG* gp = g.const_data_ptr<TG>();
-        const TW* wp = w.const_data_ptr<TW>();
-        TG* gwp = gw.mutable_data_ptr<TG>();
-        dispatch_bool(state, [&](auto ST) {
-          dispatch_bool(tracked, [&](auto TR) {
-            dispatch_bool(damp, [&](auto DA) {
-              at::parallel_for(0, sp.tasks(), sp.grain(), [&](int64_t t0, int64_t t1) {
+struct WeightBwd {
+  at::Tensor g, w, scale, gw;
+  std::optional<at::Tensor> flags, ema;
+  bool state, tracked, damp;
+  float nf, pf, coef, gsc;
+  Split sp;
+  std::vector<double> part;
+
+  WeightBwd(const char* op, const at::Tensor& g_, const at::Tensor& w_, const at::Tensor& scale_,
+            const std::optional<at::Tensor>& flags_, const std::optional<at::Tensor>& ema_, const at::Tensor& grad_d,
+            int64_t n, int64_t p, double grad_scale, bool damp_, double damp_div, bool tracked_)
+      : g(g_), w(w_), scale(scale_), flags(flags_), ema(ema_), tracked(tracked_), damp(damp_),
+        nf(static_cast<float>(n)), pf(static_cast<float>(p)), gsc(static_cast<float>(grad_scale)), sp(1, 1) {
+    check_cpu(op, g);
+    const WeightArgs args = check_weight_bwd_args(op, g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp,
+                                                  damp_div);
+    state = args.state;
+    // coef = 2 * gD / div: one fp32 multiply by 2, one IEEE division
+    coef = damp ? (2.0f * scalar_value(grad_d)) / static_cast<float>(damp_div) : 0.f;
+    gw = empty_output(w.sizes(), g.options());
+    sp = Split(w.numel(), args.channels);
+    part.resize(sp.tasks());
+  }
+
+  Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
+
+  void run(int64_t t0, int64_t t1) {
+    const float* sc = scale.const_data_ptr<float>();
+    const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
+    const float* em = state ? ema->const_data_ptr<float>() : nullptr;
+    with_isa([&](auto isa) {
+      using K = decltype(isa);
+      dispatch_float(g.scalar_type(), [&](auto gtag) {
+        using TG = decltype(gtag);
+        dispatch_float(w.scalar_type(), [&](auto wtag) {
+          using TW = decltype(wtag);
+          const TG* gp = g.const_data_ptr<TG>();
+          const TW* wp = w.const_data_ptr<TW>();
+          TG* gwp = gw.mutable_data_ptr<TG>();
+          dispatch_bool(state, [&](auto ST) {
+            dispatch_bool(tracked, [&](auto TR) {
+              dispatch_bool(damp, [&](auto DA) {
                 float gbuf[BLOCK], wbuf[BLOCK], obuf[BLOCK];
                 for (int64_t t = t0; t < t1; ++t) {
                   const int64_t b = sp.begin(t), len = sp.len(t);
@@ -331,12 +395,115 @@ std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Ten
         });
       });
     });
-  });
-  at::Tensor gs = at::empty(scale.sizes(), scale.options().dtype(at::kFloat));
-  float* gsp = gs.mutable_data_ptr<float>();
-  const float gsc = static_cast<float>(grad_scale);
-  for (int64_t c = 0; c < C; ++c)
-    gsp[c] = static_cast<float>(sum_partials(part, c * sp.nb, (c + 1) * sp.nb)) * gsc;
+  }
+
+  at::Tensor gs() const {
+    at::Tensor r = at::empty(scale.sizes(), scale.options().dtype(at::kFloat));
+    float* rp = r.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < sp.C; ++c) rp[c] = static_cast<float>(sum_partials(part, c * sp.nb, (c + 1) * sp.nb)) * gsc;
+    return r;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Tensor& scale,
+                                              const std::optional<at::Tensor>& flags,
+                                              const std::optional<at::Tensor>& ema, int64_t n, int64_t p,
+                                              bool damp, double damp_div) {
+  WeightFwd op("oscqat_C.weight_fwd", w, scale, flags, ema, n, p, damp, damp_div);
+  run_jobs({op.job()});
+  return {op.out, f32_scalar(op.d())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor& w, const at::Tensor& scale,
+                                                                at::Tensor& prev_int, at::Tensor& flags,
+                                                                at::Tensor& freq, at::Tensor& ema,
+                                                                const at::Tensor& f_th, int64_t n, int64_t p,
+                                                                double momentum, bool damp, double damp_div) {
+  WeightFwdTrack op("oscqat_C.weight_fwd_track", w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp,
+                    damp_div);
+  run_jobs({op.job()});
+  return {op.out, f32_scalar(op.d()), op.counts()};
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Tensor& w, const at::Tensor& scale,
+                                              const std::optional<at::Tensor>& flags,
+                                              const std::optional<at::Tensor>& ema, const at::Tensor& grad_d,
+                                              int64_t n, int64_t p, double grad_scale, bool damp, double damp_div,
+                                              bool tracked) {
+  WeightBwd op("oscqat_C.weight_bwd", g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp, damp_div, tracked);
+  run_jobs({op.job()});
+  return {op.gw, op.gs()};
+}
+
+// The list forms: layer k of every list is one call of the op above, all layers' tasks in one parallel region
+// (run_jobs); the same bits as the calls one by one. A layer is tracked when its prev_int is given.
+static void check_lengths(const char* op, size_t L, std::initializer_list<size_t> lens) {
+  for (size_t len : lens)
+    TORCH_CHECK(len == L, op, ": every list needs one entry per layer (", L, " weights, a list of ", len, ")");
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> weight_fwd_list(
+    at::TensorList w, at::TensorList scale, const c10::List<std::optional<at::Tensor>>& prev_int,
+    const c10::List<std::optional<at::Tensor>>& flags, const c10::List<std::optional<at::Tensor>>& freq,
+    const c10::List<std::optional<at::Tensor>>& ema, at::TensorList f_th, at::IntArrayRef n, at::IntArrayRef p,
+    at::ArrayRef<double> momentum, at::IntArrayRef damp, at::ArrayRef<double> damp_div) {
+  const char* op = "oscqat_C.weight_fwd_list";
+  const size_t L = w.size();
+  check_lengths(op, L, {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(), n.size(),
+                        p.size(), momentum.size(), damp.size(), damp_div.size()});
+  std::vector<std::unique_ptr<WeightFwd>> plain(L);
+  std::vector<std::unique_ptr<WeightFwdTrack>> tracked(L);
+  std::vector<Job> jobs;
+  for (size_t k = 0; k < L; ++k) {
+    const std::optional<at::Tensor> pi = prev_int.get(k), fl = flags.get(k), fq = freq.get(k), em = ema.get(k);
+    if (pi.has_value()) {
+      TORCH_CHECK(fl.has_value() && fq.has_value() && em.has_value(), op, ": layer ", k,
+                  ": tracking needs prev_int, flags, freq and ema");
+      tracked[k] = std::make_unique<WeightFwdTrack>(op, w[k], scale[k], *pi, *fl, *fq, *em, f_th[k], n[k], p[k],
+                                                    momentum[k], damp[k] != 0, damp_div[k]);
+      jobs.push_back(tracked[k]->job());
+    } else {
+      plain[k] = std::make_unique<WeightFwd>(op, w[k], scale[k], fl, em, n[k], p[k], damp[k] != 0, damp_div[k]);
+      jobs.push_back(plain[k]->job());
+    }
+  }
+  run_jobs(jobs);
+  std::vector<at::Tensor> out(L), d(L), counts(L);
+  for (size_t k = 0; k < L; ++k) {
+    if (tracked[k]) {
+      out[k] = tracked[k]->out;
+      d[k] = f32_scalar(tracked[k]->d());
+      counts[k] = tracked[k]->counts();
+    } else {
+      out[k] = plain[k]->out;
+      d[k] = f32_scalar(plain[k]->d());
+      counts[k] = at::empty({0}, at::TensorOptions().dtype(at::kInt));
+    }
+  }
+  return {out, d, counts};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> weight_bwd_list(
+    at::TensorList g, at::TensorList w, at::TensorList scale, const c10::List<std::optional<at::Tensor>>& flags,
+    const c10::List<std::optional<at::Tensor>>& ema, at::TensorList grad_d, at::IntArrayRef n, at::IntArrayRef p,
+    at::ArrayRef<double> grad_scale, at::IntArrayRef damp, at::ArrayRef<double> damp_div, at::IntArrayRef tracked) {
+  const char* op = "oscqat_C.weight_bwd_list";
+  const size_t L = w.size();
+  check_lengths(op, L, {g.size(), scale.size(), flags.size(), ema.size(), grad_d.size(), n.size(), p.size(),
+                        grad_scale.size(), damp.size(), damp_div.size(), tracked.size()});
+  std::vector<std::unique_ptr<WeightBwd>> ops(L);
+  std::vector<Job> jobs;
+  for (size_t k = 0; k < L; ++k) {
+    ops[k] = std::make_unique<WeightBwd>(op, g[k], w[k], scale[k], flags.get(k), ema.get(k), grad_d[k], n[k], p[k],
+                                         grad_scale[k], damp[k] != 0, damp_div[k], tracked[k] != 0);
+    jobs.push_back(ops[k]->job());
+  }
+  run_jobs(jobs);
+  std::vector<at::Tensor> gw(L), gs(L);
+  for (size_t k = 0; k < L; ++k) {
+    gw[k] = ops[k]->gw;
+    gs[k] = ops[k]->gs();
+  }
   return {gw, gs};
 }
 
@@ -582,6 +749,8 @@ TORCH_LIBRARY_IMPL(oscqat_C, CPU, m) {
   m.impl("weight_fwd", &oscqat::cpu::weight_fwd);
   m.impl("weight_fwd_track", &oscqat::cpu::weight_fwd_track);
   m.impl("weight_bwd", &oscqat::cpu::weight_bwd);
+  m.impl("weight_fwd_list", &oscqat::cpu::weight_fwd_list);
+  m.impl("weight_bwd_list", &oscqat::cpu::weight_bwd_list);
   m.impl("act_fwd", &oscqat::cpu::act_fwd);
   m.impl("act_bwd", &oscqat::cpu::act_bwd);
   m.impl("check_weight", &oscqat::cpu::check_weight);
