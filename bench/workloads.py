@@ -336,7 +336,8 @@ def build_weightset(contender: str, c: WeightSetCase, device: str):
 
 
 # ====================================================================== end-to-end training step
-E2E_VARIANTS = ("fp32", "lsq", "dampen+freeze")
+BATCHED_E2E = "dampen+freeze, batch_weights"      # QATConfig(batch_weights=True): the weights in one call
+E2E_VARIANTS = ("fp32", "lsq", "dampen+freeze", BATCHED_E2E)
 E2E_ARCHS = ("mobilenet_v2", "resnet18")
 
 
@@ -358,8 +359,9 @@ def build_e2e(variant: str, backend: str | None, device: str, batch: int, res: i
     sched = None
     if variant != "fp32":
         C.check_backend(backend, device)
-        cfg = oscqat.QATConfig(weight_bits=4, act_bits=4, method=variant, track=(variant != "lsq"),
-                               weight_init="lsq")
+        method = variant.split(",")[0]
+        cfg = oscqat.QATConfig(weight_bits=4, act_bits=4, method=method, track=(method != "lsq"),
+                               weight_init="lsq", batch_weights=(variant == BATCHED_E2E))
         # No calib_data: activation scales take the LSQ init from the first training batch (the timer's warm-up).
         # (Calibrating a freshly initialised model runs it in eval mode with untrained BatchNorm statistics, which
         # gives ~1e-8 scales deep in the net and a negative scale after one SGD step.)
