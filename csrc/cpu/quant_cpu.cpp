@@ -218,6 +218,9 @@ struct WeightFwd {
   Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
 
   void run(int64_t t0, int64_t t1) {
+    // Locals, not members: the int8 state stores may alias any member, which would reload them per task.
+    const Split sp = this->sp;
+    double* const parts = dpart.data();
     const float* sc = scale.const_data_ptr<float>();
     const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
     const float* em = state ? ema->const_data_ptr<float>() : nullptr;
@@ -239,7 +242,7 @@ struct WeightFwd {
               K::template wfwd_core<decltype(ST)::value, decltype(DA)::value>(
                   len, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, o, acc);
               store_block<K, T>(o, len, op_ + b);
-              if constexpr (decltype(DA)::value) dpart[t] = K::lanes_total(acc);
+              if constexpr (decltype(DA)::value) parts[t] = K::lanes_total(acc);
             }
           });
         });
@@ -279,6 +282,10 @@ struct WeightFwdTrack {
   Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
 
   void run(int64_t t0, int64_t t1) {
+    // Locals, not members: the int8 state stores may alias any member, which would reload them per task.
+    const Split sp = this->sp;
+    double* const parts = dpart.data();
+    int64_t* const cparts = cpart.data();
     const float* sc = scale.const_data_ptr<float>();
     int8_t* pv = prev_int.mutable_data_ptr<int8_t>();
     int8_t* fl = flags.mutable_data_ptr<int8_t>();
@@ -310,9 +317,9 @@ struct WeightFwdTrack {
               K::track_encode(l, weffb, nflb, swb, oscb, pv + e, fl + e, nsw, nosc);
             }
             store_block<K, T>(o, len, op_ + b);
-            cpart[2 * t] = nsw;
-            cpart[2 * t + 1] = nosc;
-            if constexpr (decltype(DA)::value) dpart[t] = K::lanes_total(acc);
+            cparts[2 * t] = nsw;
+            cparts[2 * t + 1] = nosc;
+            if constexpr (decltype(DA)::value) parts[t] = K::lanes_total(acc);
           }
         });
       });
@@ -361,6 +368,9 @@ struct WeightBwd {
   Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
 
   void run(int64_t t0, int64_t t1) {
+    // Locals, not members: the int8 state stores may alias any member, which would reload them per task.
+    const Split sp = this->sp;
+    double* const parts = part.data();
     const float* sc = scale.const_data_ptr<float>();
     const int8_t* fl = state ? flags->const_data_ptr<int8_t>() : nullptr;
     const float* em = state ? ema->const_data_ptr<float>() : nullptr;
@@ -387,7 +397,7 @@ struct WeightBwd {
                   K::template wbwd_core<decltype(ST)::value, decltype(TR)::value, decltype(DA)::value>(
                       len, gf, wf, s, r, nf, pf, state ? fl + b : nullptr, state ? em + b : nullptr, coef, o, acc);
                   store_block<K, TG>(o, len, gwp + b);
-                  part[t] = K::lanes_total(acc);
+                  parts[t] = K::lanes_total(acc);
                 }
               });
             });
