@@ -28,10 +28,8 @@ from .weight_check import WeightChangedError
 __all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", "QATConfig", "QATModelEMA", "QATSchedule",
            "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightChangedError",
            "WeightQuantizer", "arm_tracking", "dampening_loss", "fold_bn", "format_report", "get_backend", "ops",
-           "oscillation_report", "prepare",
-           "quant_layers", "quantization_correction", "quantize_weights", "quantizers", "reestimate_bn", "scales_at_floor",
-           "set_backend",
-           "use_backend", "weight_quantizers",
+           "oscillation_report", "prepare", "quant_layers", "quantization_correction", "quantize_weights",
+           "quantizers", "reestimate_bn", "scales_at_floor", "set_backend", "use_backend", "weight_quantizers",
            "FixedQuantAct", "IntConv1d", "IntConv2d", "IntLinear", "compare_onnxruntime", "convert", "encodings",
            "export_encodings", "export_onnx", "export_program", "export_pt2", "onnx_weight_ints"]
 __version__ = "0.1.0"
