@@ -119,9 +119,11 @@ class Timer:
         sync(self.device)
         return self._time_cuda(fn) if self.device == "cuda" else self._time_cpu(fn)
 
-    def time_interleaved(self, fns: dict, mem_probe=None, min_reps: int | None = None) -> tuple[dict, dict]:
+    def time_interleaved(self, fns: dict, mem_probe=None, min_reps: int | None = None,
+                         before=None) -> tuple[dict, dict]:
         """Warm up each fn (memory probe on its last warm-up), then sample them round-robin, so that load drifts on
-        a shared machine hit every contender alike. Returns ({name: samples}, {name: memory result})."""
+        a shared machine hit every contender alike. `before()`, if given, runs (untimed) before every sample.
+        Returns ({name: samples}, {name: memory result})."""
         mem = {}
         for name, fn in fns.items():
             for i in range(self.warmup):
@@ -136,6 +138,8 @@ class Timer:
         t_start = time.perf_counter()
         while True:
             for name, fn in fns.items():
+                if before is not None:
+                    before()
                 samples[name] += one.time(fn)
             n = len(next(iter(samples.values())))
             if n >= self.max_reps or (n >= reps and time.perf_counter() - t_start > self.budget_s * len(fns)):
@@ -168,6 +172,20 @@ class Timer:
             if len(samples) >= self.min_reps and time.perf_counter() - t_start > self.budget_s:
                 break
         return samples
+
+
+def trim_heap_fn():
+    """glibc's malloc_trim(0) where the C library has it, else None. The CPU kernel rows call it before every
+    sample: a freed 16M-element output may stay at the top of the heap or go back to the system, depending on the
+    contender that ran before, and the next contender's output then costs 0 or ~16K page faults (20 ms at 64 MB).
+    After a trim every contender's big output is fresh memory, as in a training step's first use of it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
 
 
 def summarize(samples: list[float]) -> dict:

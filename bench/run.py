@@ -66,6 +66,8 @@ class Runner:
         self.p = plan(args)
         self.timer = H.Timer(self.device, warmup=self.p["warmup"], min_reps=self.p["min_reps"],
                              budget_s=self.p["budget"])
+        # CPU kernel rows: every sample starts from a trimmed heap (harness.trim_heap_fn)
+        self.trim = H.trim_heap_fn() if self.device == "cpu" else None
         self.records: list[dict] = []
         self.compile_spent = 0.0
         self.t0 = time.perf_counter()
@@ -157,10 +159,11 @@ class Runner:
                     base = dict(workload=op, dtype=dname, size=size, numel=numel)
                     # interleaved: on a shared machine the load drifts; each row's ratios come from one window
                     self.measure_group([(base, name, (lambda name=name, case=case: build(name, op, case, self.device)))
-                                        for name in names], numel, W.bytes_per_elem(op, dtype), p["min_reps"])
+                                        for name in names], numel, W.bytes_per_elem(op, dtype), p["min_reps"],
+                                       before=self.trim)
                     del case
 
-    def measure_group(self, items, numel=None, bpe=None, min_reps=None):
+    def measure_group(self, items, numel=None, bpe=None, min_reps=None, before=None):
         """items: [(base, contender, build)]. Built first, then timed interleaved (round-robin)."""
         fns, recs = {}, {}
         for base, contender, build in items:
@@ -183,12 +186,13 @@ class Runner:
             recs[contender] = rec
         if fns:
             try:
-                samples, mem = self.timer.time_interleaved(fns, H.peak_memory_probe(self.device), min_reps)
+                samples, mem = self.timer.time_interleaved(fns, H.peak_memory_probe(self.device), min_reps, before)
                 for name, smp in samples.items():
                     rec = recs[name]
                     rec.update(H.summarize(smp))
                     rec["peak_mem_mb"], rec["mem_method"] = mem.get(name, (None, "not measured"))
-                    rec["timing"] = "interleaved round-robin with the other contenders of this workload"
+                    rec["timing"] = "interleaved round-robin with the other contenders of this workload" + \
+                        ("; heap trimmed (malloc_trim) before every sample" if before is not None else "")
                     self._add_bandwidth(rec, numel, bpe)
             except Exception as e:  # noqa: BLE001
                 for name in fns:
@@ -428,6 +432,9 @@ def markdown(meta, records, tgts) -> str:
     if kern:
         names = list(dict.fromkeys(r["contender"] for r in kern))
         L.append("## Kernels: median ms (effective GB/s from the bytes model)\n")
+        if any("heap trimmed" in r.get("timing", "") for r in kern):
+            L.append("Every sample starts from a trimmed heap (glibc `malloc_trim(0)`, untimed), so that no contender's "
+                     "big output reuses pages another one freed.\n")
         others = [n for n in names if not C.is_oscqat_backend(n) and n != C.CPP_OP]
         L.append("| op | dtype | size | " + " | ".join(names) + " | best oscqat | speedup vs " + ", ".join(others) +
                  " | compile / cpp op |")

@@ -178,10 +178,12 @@ def test_resume_continues_identically(tmp_path, fp_ckpt):
     assert main(["train", *common, "--out", str(tmp_path / "b"), "--stop-after-epoch", "1"]) == 0
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert not (tmp_path / "b" / "report.json").exists()
-    assert main(["train", "--resume", str(tmp_path / "b" / "checkpoint.pt"), "--quiet"]) == 0
+    # resumed with every layer's weight quantized in one call (QATConfig.batch_weights): the same bits
+    assert main(["train", "--resume", str(tmp_path / "b" / "checkpoint.pt"), "--quiet", "--batch-weights"]) == 0
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 2
+    assert b["args"]["batch_weights"] and not a["args"]["batch_weights"]
     assert a["model"].keys() == b["model"].keys()
     for k, v in a["model"].items():
         if isinstance(v, torch.Tensor):

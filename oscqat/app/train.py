@@ -113,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpp", "cuda"),
                    help="oscqat kernel backend")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--batch-weights", action="store_true",
+                   help="quantize every layer's weight in one call per forward (QATConfig.batch_weights: the same "
+                        "results, less per-layer overhead)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
@@ -136,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 RESUME_OVERRIDES = ("out", "quiet", "device", "backend", "stop_after_epoch", "resume", "threads", "no_plots",
-                    "log_every", "no_export")
+                    "log_every", "no_export", "batch_weights")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -174,7 +177,7 @@ def qat_config(a: argparse.Namespace) -> QATConfig:
                      quantize_activations=a.a_bits != 32, per_channel=a.per_channel, method=a.method,
                      first_last_bits=a.first_last_bits or None, momentum=a.momentum, freeze_start=a.freeze_start,
                      freeze_end=a.freeze_end, damp_lambda=a.damp_lambda, warmup=a.warmup,
-                     calib_batches=a.calib_batches)
+                     calib_batches=a.calib_batches, batch_weights=getattr(a, "batch_weights", False))
 
 
 # ----------------------------------------------------------------------------------------------- models
