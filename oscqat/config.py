@@ -67,7 +67,7 @@ class QATConfig:
     # input gradient, which nothing else needs (resnet18 on CPU: 55 ms of a 430 ms step).
     learn_input_scale: bool = False
     # Quantize the weights of all layers in one call (one C++ op, one autograd node) before each training forward
-    # instead of one per layer (eager, cpp/cuda backends; CPU weight-set step 16.1 -> 12.4 ms on 2 threads). The
+    # instead of one per layer (eager, cpp/cuda backends; CPU weight-set step 16.5 -> 14.0 ms on 2 threads). The
     # layers batched are those that ran in the previous training forward; one that stops running is tracked once
     # more, and every weight gradient is ready only at the end of backward (DDP cannot overlap their all-reduce;
     # up to one more copy of the weights in memory). docs/semantics.md, "Batched weights".

@@ -298,7 +298,7 @@ def quantize_weights(quantizers, weights) -> list[torch.Tensor]:
     """`[q(w) for q, w in zip(quantizers, weights)]`: the same outputs, state, errors and gradients, bit for bit.
     Eager on the cpp and cuda backends it is one C++ call with one autograd node for all of them
     (oscqat_C::weight_quant_list) instead of a call and a node per layer (on CPU also one parallel region for all
-    their kernels: the MobileNetV2 weight-set step 16.1 -> 12.4 ms on 2 threads).
+    their kernels: the MobileNetV2 weight-set step 16.5 -> 14.0 ms on 2 threads).
     One difference: the step's first-forward checks of every layer (NaN/Inf, weight changed) run before any of
     them writes state, so a failure leaves every layer's state as it was (the first failing layer in list order is
     named). Elsewhere (torch.compile, other backends, mixed devices, a quantizer listed twice) it is the loop."""
