@@ -13,11 +13,11 @@ from torch import nn
 from .quantizers import quantize_weights
 
 
-
 class _Frames(threading.local):
     """Per thread (nn.DataParallel runs replicas in threads), one entry per prepared model whose forward is in
     progress, innermost last: None when that forward does not batch, else ({layer: w_hat} not yet taken, the
     layers that ran, in order)."""
+
     def __init__(self):
         self.stack: list = []
 

@@ -144,6 +144,22 @@ def test_prepared_model_with_batch_weights_trains_bit_for_bit_as_without():
     assert sum(int(q.frozen().sum()) for q in oscqat.weight_quantizers(twin)) > 0
 
 
+def test_batch_weights_model_names_a_nan_weight_and_recovers_its_bookkeeping():
+    from oscqat import weight_batch
+    model, x = qat_model(seed=0, batch_weights=True)
+    opts = make_opt(model)
+    train_steps(model, opts, oscqat.QATSchedule(model, 40), x, 2)
+    conv = model.features[4].conv[1][0]
+    state = snapshot(conv.weight_quant)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(oscqat.NonFiniteError, match=r"^features\.4\.conv\.1\.0\.weight: weight has 1 NaN"):
+        model(x)
+    assert weight_batch._frames.stack == []         # the post-hook ran although the pre-hook raised
+    assert conv.weight_quant.armed
+    assert_same(snapshot(conv.weight_quant), state)
+
+
 class _Branchy(nn.Module):
     """A layer called twice per forward, and one that runs only when `use_c`."""
 
