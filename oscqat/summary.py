@@ -54,6 +54,9 @@ class PrepareSummary:
         if self.fixed_input_scales:
             lines.append(f"  model input quantizers with a fixed range (QATConfig.learn_input_scale=False): "
                          f"{', '.join(self.fixed_input_scales)}")
+        if c.batch_weights:
+            lines.append("  weights quantized all at once before each training forward (QATConfig.batch_weights; "
+                         "eager, cpp/cuda backends)")
         if self.asymmetric:
             why = Counter("after " + w.split()[1] if w.startswith("after") else "small negative tail"
                           for _, w in self.asymmetric)

@@ -129,6 +129,8 @@ def test_quantize_weights_checks_every_layer_before_writing(bad):
 def test_prepared_model_with_batch_weights_trains_bit_for_bit_as_without():
     model, x = qat_model(seed=0)
     twin, _ = qat_model(seed=0, batch_weights=True)
+    assert "QATConfig.batch_weights" in twin.oscqat_summary.short()
+    assert "batch_weights" not in model.oscqat_summary.short()
     assert_same(snapshot(model), snapshot(twin))
     runs = [(m, make_opt(m), oscqat.QATSchedule(m, 40)) for m in (model, twin)]
     for chunk in range(3):
