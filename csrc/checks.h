@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -16,7 +17,14 @@ namespace oscqat {
 
 using at::Tensor;
 
-inline std::string where(const Tensor& t) { return t.device().str(); }
+inline std::string device_str(const Tensor& t) { return t.device().str(); }
+
+// The list forms of the ops: every list holds one entry per layer.
+inline void check_list_lengths(const char* op, size_t layers, std::initializer_list<size_t> lengths) {
+  for (size_t len : lengths)
+    TORCH_CHECK(len == layers, op, ": every list needs one entry per layer (", layers, " weights, a list of ", len,
+                ")");
+}
 
 // torch's names for dtypes (torch.int8, not ATen's "Char").
 inline std::string dtype_name(at::ScalarType t) {
@@ -45,7 +53,7 @@ inline void check_data(const char* op, const char* name, const Tensor& t, const 
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(is_float_dtype(t), op, ": ", name, " must be float32, bfloat16 or float16, got ",
               dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", where(t), " but the first input is on ", dev.str());
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", device_str(t), " but the first input is on ", dev.str());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous() first)");
 }
 
@@ -56,7 +64,7 @@ inline void check_scalar(const char* op, const char* name, const Tensor& t, cons
   TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold exactly one value, got shape ", t.sizes());
   TORCH_CHECK(is_float_dtype(t) || t.scalar_type() == at::kDouble, op, ": ", name,
               " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.device() == dev || (cpu_ok && t.device().is_cpu()), op, ": ", name, " is on ", where(t),
+  TORCH_CHECK(t.device() == dev || (cpu_ok && t.device().is_cpu()), op, ": ", name, " is on ", device_str(t),
               " but the first input is on ", dev.str());
 }
 
@@ -65,8 +73,8 @@ inline int64_t check_scale(const char* op, const Tensor& scale, const Tensor& w,
   TORCH_CHECK(scale.defined(), op, ": scale is undefined");
   TORCH_CHECK(scale.scalar_type() == at::kFloat, op, ": scale must be float32, got ",
               dtype_name(scale.scalar_type()));
-  TORCH_CHECK(scale.device() == w.device(), op, ": scale is on ", where(scale), " but the first input is on ",
-              where(w));
+  TORCH_CHECK(scale.device() == w.device(), op, ": scale is on ", device_str(scale), " but the first input is on ",
+              device_str(w));
   TORCH_CHECK(scale.is_contiguous(), op, ": scale must be contiguous");
   const int64_t C = scale.numel();
   TORCH_CHECK(C >= 1, op, ": scale is empty");
@@ -86,7 +94,7 @@ inline void check_state(const char* op, const char* name, const Tensor& t, const
               dtype_name(t.scalar_type()));
   TORCH_CHECK(t.sizes() == w.sizes(), op, ": state ", name, " has shape ", t.sizes(), " but w has shape ",
               w.sizes());
-  TORCH_CHECK(t.device() == w.device(), op, ": state ", name, " is on ", where(t), " but w is on ", where(w));
+  TORCH_CHECK(t.device() == w.device(), op, ": state ", name, " is on ", device_str(t), " but w is on ", device_str(w));
   TORCH_CHECK(t.is_contiguous(), op, ": state ", name, " must be contiguous");
 }
 

@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+
 namespace oscqat {
 namespace {
 
@@ -288,10 +290,9 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> weight
     const TensorOpts& weight_ref) {
   const size_t L = w.size();
   const char* op = "oscqat_C.weight_quant_list";
-  for (size_t len : {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(), n.size(),
-                     p.size(), momentum.size(), damp.size(), damp_div.size(), grad_scale.size(), s_min.size(),
-                     check_finite.size(), weight_ref.size()})
-    TORCH_CHECK(len == L, op, ": every list needs one entry per layer (", L, " weights, a list of ", len, ")");
+  check_list_lengths(op, L, {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(),
+                             n.size(), p.size(), momentum.size(), damp.size(), damp_div.size(), grad_scale.size(),
+                             s_min.size(), check_finite.size(), weight_ref.size()});
   for (size_t k = 0; k < L; ++k) {
     const bool pi = prev_int.get(k).has_value();
     TORCH_CHECK(pi == freq.get(k).has_value() && (!pi || (flags.get(k).has_value() && ema.get(k).has_value())), op,

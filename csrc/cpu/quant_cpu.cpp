@@ -193,6 +193,12 @@ static void run_jobs(const std::vector<Job>& all) {
   });
 }
 
+// A weight op's job: its split and its run(t0, t1). `op` must outlive the job.
+template <typename Op>
+static Job job_of(Op& op) {
+  return {op.sp, [&op](int64_t t0, int64_t t1) { op.run(t0, t1); }};
+}
+
 // ------------------------------------------------------------------------------------------ weight ops
 // Each op as a job (the tasks) and a result (the reductions), for the single-tensor ops and their list forms.
 struct WeightFwd {
@@ -214,8 +220,6 @@ struct WeightFwd {
     sp = Split(w.numel(), args.channels);
     dpart.resize(damp ? sp.tasks() : 0);
   }
-
-  Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
 
   void run(int64_t t0, int64_t t1) {
     // Locals, not members: the int8 state stores may alias any member, which would reload them per task.
@@ -278,8 +282,6 @@ struct WeightFwdTrack {
     dpart.resize(damp ? sp.tasks() : 0);
     cpart.assign(2 * sp.tasks(), 0);
   }
-
-  Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
 
   void run(int64_t t0, int64_t t1) {
     // Locals, not members: the int8 state stores may alias any member, which would reload them per task.
@@ -365,8 +367,6 @@ struct WeightBwd {
     part.resize(sp.tasks());
   }
 
-  Job job() { return {sp, [this](int64_t t0, int64_t t1) { run(t0, t1); }}; }
-
   void run(int64_t t0, int64_t t1) {
     // Locals, not members: the int8 state stores may alias any member, which would reload them per task.
     const Split sp = this->sp;
@@ -420,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> weight_fwd(const at::Tensor& w, const at::Ten
                                               const std::optional<at::Tensor>& ema, int64_t n, int64_t p,
                                               bool damp, double damp_div) {
   WeightFwd op("oscqat_C.weight_fwd", w, scale, flags, ema, n, p, damp, damp_div);
-  run_jobs({op.job()});
+  run_jobs({job_of(op)});
   return {op.out, f32_scalar(op.d())};
 }
 
@@ -431,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_fwd_track(const at::Tensor
                                                                 double momentum, bool damp, double damp_div) {
   WeightFwdTrack op("oscqat_C.weight_fwd_track", w, scale, prev_int, flags, freq, ema, f_th, n, p, momentum, damp,
                     damp_div);
-  run_jobs({op.job()});
+  run_jobs({job_of(op)});
   return {op.out, f32_scalar(op.d()), op.counts()};
 }
 
@@ -441,16 +441,12 @@ std::tuple<at::Tensor, at::Tensor> weight_bwd(const at::Tensor& g, const at::Ten
                                               int64_t n, int64_t p, double grad_scale, bool damp, double damp_div,
                                               bool tracked) {
   WeightBwd op("oscqat_C.weight_bwd", g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp, damp_div, tracked);
-  run_jobs({op.job()});
+  run_jobs({job_of(op)});
   return {op.gw, op.gs()};
 }
 
 // The list forms: layer k of every list is one call of the op above, all layers' tasks in one parallel region
 // (run_jobs); the same bits as the calls one by one. A layer is tracked when its prev_int is given.
-static void check_lengths(const char* op, size_t L, std::initializer_list<size_t> lens) {
-  for (size_t len : lens)
-    TORCH_CHECK(len == L, op, ": every list needs one entry per layer (", L, " weights, a list of ", len, ")");
-}
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> weight_fwd_list(
     at::TensorList w, at::TensorList scale, const c10::List<std::optional<at::Tensor>>& prev_int,
@@ -459,8 +455,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     at::ArrayRef<double> momentum, at::IntArrayRef damp, at::ArrayRef<double> damp_div) {
   const char* op = "oscqat_C.weight_fwd_list";
   const size_t L = w.size();
-  check_lengths(op, L, {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(), n.size(),
-                        p.size(), momentum.size(), damp.size(), damp_div.size()});
+  check_list_lengths(op, L, {scale.size(), prev_int.size(), flags.size(), freq.size(), ema.size(), f_th.size(),
+                             n.size(), p.size(), momentum.size(), damp.size(), damp_div.size()});
   std::vector<std::unique_ptr<WeightFwd>> plain(L);
   std::vector<std::unique_ptr<WeightFwdTrack>> tracked(L);
   std::vector<Job> jobs;
@@ -471,10 +467,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
                   ": tracking needs prev_int, flags, freq and ema");
       tracked[k] = std::make_unique<WeightFwdTrack>(op, w[k], scale[k], *pi, *fl, *fq, *em, f_th[k], n[k], p[k],
                                                     momentum[k], damp[k] != 0, damp_div[k]);
-      jobs.push_back(tracked[k]->job());
+      jobs.push_back(job_of(*tracked[k]));
     } else {
       plain[k] = std::make_unique<WeightFwd>(op, w[k], scale[k], fl, em, n[k], p[k], damp[k] != 0, damp_div[k]);
-      jobs.push_back(plain[k]->job());
+      jobs.push_back(job_of(*plain[k]));
     }
   }
   run_jobs(jobs);
@@ -499,14 +495,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> weight_bwd_list(
     at::ArrayRef<double> grad_scale, at::IntArrayRef damp, at::ArrayRef<double> damp_div, at::IntArrayRef tracked) {
   const char* op = "oscqat_C.weight_bwd_list";
   const size_t L = w.size();
-  check_lengths(op, L, {g.size(), scale.size(), flags.size(), ema.size(), grad_d.size(), n.size(), p.size(),
-                        grad_scale.size(), damp.size(), damp_div.size(), tracked.size()});
+  check_list_lengths(op, L, {g.size(), scale.size(), flags.size(), ema.size(), grad_d.size(), n.size(), p.size(),
+                             grad_scale.size(), damp.size(), damp_div.size(), tracked.size()});
   std::vector<std::unique_ptr<WeightBwd>> ops(L);
   std::vector<Job> jobs;
   for (size_t k = 0; k < L; ++k) {
     ops[k] = std::make_unique<WeightBwd>(op, g[k], w[k], scale[k], flags.get(k), ema.get(k), grad_d[k], n[k], p[k],
                                          grad_scale[k], damp[k] != 0, damp_div[k], tracked[k] != 0);
-    jobs.push_back(ops[k]->job());
+    jobs.push_back(job_of(*ops[k]));
   }
   run_jobs(jobs);
   std::vector<at::Tensor> gw(L), gs(L);
@@ -675,8 +671,7 @@ std::vector<int64_t> check_weight_list(at::TensorList w, at::TensorList scale,
                                        const c10::List<std::optional<at::Tensor>>& ref, at::IntArrayRef finite) {
   const char* op = "oscqat_C.check_weight_list";
   const size_t L = w.size();
-  TORCH_CHECK(scale.size() == L && ref.size() == L && finite.size() == L, op,
-              ": every list needs one entry per weight");
+  check_list_lengths(op, L, {scale.size(), ref.size(), finite.size()});
   std::vector<int64_t> code(L, 0);
   std::vector<at::Tensor> wc(L);
   struct Piece {
