@@ -10,7 +10,8 @@ from torch import nn
 from . import backend as _backend
 from . import step_hook, weight_check
 from .config import check_bits, check_scale_min
-from .ops import CHANGED_IN_OP, NONFINITE_IN_OP, ActQuantFn, checks_in_op, native_weight_op, quantize_weight
+from .ops import (CHANGED_IN_OP, NONFINITE_IN_OP, ActQuantFn, checks_in_backward, checks_in_op, native_weight_op,
+                  quantize_weight)
 from .reference import UNINIT, decode_flags
 
 _STATE = ("prev_int", "flags", "freq", "ema")
@@ -97,7 +98,10 @@ class _Checked(nn.Module):
                 raise NonFiniteError(nonfinite_message(self, what, tensors))
             return
         bad = _nonfinite(*tensors)
-        self.nonfinite = torch.maximum(self.nonfinite.to(bad.device), bad)
+        if self.nonfinite.device == bad.device:     # in place: QuantAct's backward may set it too
+            self.nonfinite.copy_(torch.maximum(self.nonfinite, bad))
+        else:
+            self.nonfinite = torch.maximum(self.nonfinite.to(bad.device), bad)
 
 
 def nonfinite_message(q: nn.Module, what: str, tensors=()) -> str:
@@ -385,11 +389,21 @@ class QuantAct(_Checked):
                 lsq = 2 * x.detach().float().abs().mean() / math.sqrt(self.qmax)
                 self.scale.copy_(torch.where(lsq > 0, lsq, 1.0 / self.qmax).clamp_min(self.scale_min))
             self.initialized = True
-        self._first_forward("input/scale/offset", x, self.scale, *([self.offset] if self.offset is not None else []))
+        backend = _backend.resolve(x.device.type)
+        params = (self.scale,) + ((self.offset,) if self.offset is not None else ())
+        # Compiled on the CPU, the fused backward checks x (the flag is read after the optimizer step anyway); a
+        # backward runs when anything here needs a gradient.
+        in_bwd = (self.check_finite and checks_in_backward(x) and torch.is_grad_enabled()
+                  and any(t.requires_grad for t in (x,) + params))
+        if in_bwd:
+            nonfinite = self.nonfinite if self._first_forward("scale/offset", *params) else None
+        else:
+            nonfinite = None
+            self._first_forward("input/scale/offset", x, *params)
         per_sample = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
         gs = 1.0 / math.sqrt(per_sample * self.qmax) if self.lsq_grad_scale else 1.0
-        return ActQuantFn.apply(x, self.scale, self.offset, self.qmin, self.qmax, gs, _backend.resolve(x.device.type),
-                                self.scale_min)
+        return ActQuantFn.apply(x, self.scale, self.offset, self.qmin, self.qmax, gs, backend, self.scale_min,
+                                nonfinite)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

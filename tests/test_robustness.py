@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import oscqat
+from oscqat import backend
 from oscqat import reference as ref
 from oscqat.quantizers import SCALE_MIN
 
@@ -280,6 +281,32 @@ def test_compiled_forward_flags_non_finite_and_the_step_hook_raises():
     x[:, :, 2, 2] = float("nan")
     compiled(x).sum().backward()
     with pytest.raises(oscqat.NonFiniteError, match=r"^0.input: a NaN or infinite value entered"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_inductor_step_checks_activations_in_the_backward(bad):
+    """Compiled, with the cpp backend, an activation quantizer's input is checked by its backward kernel, which
+    reads it anyway (no extra pass over every activation): nothing is flagged after the forward, the quantizer
+    whose input held the NaN/Inf is after the backward (an Inf is one the quantizer would have clipped to its
+    range), one before it is not, and the optimizer step names it."""
+    backend.check("cpp", "cpu")
+    torch.manual_seed(0)
+    x, y = data(1)[0]
+    model = oscqat.prepare(cnn(), calib_data=[x], verbose=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model)
+    F.cross_entropy(compiled(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        model[4].bias[3] = bad          # BatchNorm -> ReLU -> the next conv's input quantizer, "6.input"
+    acts = {q.layer_name: q for q in oscqat.quantizers(model) if isinstance(q, oscqat.QuantAct)}
+    loss = F.cross_entropy(compiled(x), y)
+    assert all(int(q.nonfinite) == 0 for q in acts.values())
+    loss.backward()
+    assert int(acts["6.input"].nonfinite) == 1 and int(acts["3.input"].nonfinite) == 0
+    with pytest.raises(oscqat.NonFiniteError, match=r"^6.input: a NaN or infinite value entered"):
         opt.step()
 
 
