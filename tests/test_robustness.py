@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import oscqat
-from oscqat import backend
 from oscqat import reference as ref
 from oscqat.quantizers import SCALE_MIN
 
@@ -286,11 +285,10 @@ def test_compiled_forward_flags_non_finite_and_the_step_hook_raises():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_inductor_step_checks_activations_in_the_backward(bad):
-    """Compiled, with the cpp backend, an activation quantizer's input is checked by its backward kernel, which
-    reads it anyway (no extra pass over every activation): nothing is flagged after the forward, the quantizer
-    whose input held the NaN/Inf is after the backward (an Inf is one the quantizer would have clipped to its
-    range), one before it is not, and the optimizer step names it."""
-    backend.check("cpp", "cpu")
+    """Compiled with inductor on CPU, an activation quantizer's input is checked by its fused backward (no pass
+    of its own over every activation): nothing is flagged after the forward, the quantizer whose input held the
+    NaN/Inf is after the backward (an Inf is one the quantizer would have clipped to its range), one before it is
+    not, and the optimizer step names it."""
     torch.manual_seed(0)
     x, y = data(1)[0]
     model = oscqat.prepare(cnn(), calib_data=[x], verbose=False)
