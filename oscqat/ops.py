@@ -202,22 +202,17 @@ def _(g, x, scale, offset, n, p, grad_scale, backend):
     return torch.empty_like(x, memory_format=_DENSE), torch.empty_like(scale, dtype=f32), torch.empty_like(scale, dtype=f32)
 
 
-def _fusable(x: Tensor) -> bool:
+def fusable(x: Tensor) -> bool:
     """Under torch.compile on CPU, the activation quantizer is the reference's aten ops, forward and backward,
     which inductor fuses with the BatchNorm/ReLU around them instead of calling opaque kernels. The forward is
     bit for bit eager's (the reciprocal is an IEEE division; tests/test_layers.py covers quantizers with and
     without an LSQ+ offset, whose `q * s + o` a compiler could contract into an FMA). In the backward, dL/dx is
     exact (g or 0) and the scale's gradient is a sum in another order, within docs/semantics.md's tolerance; x
-    need not be kept for it, inductor recomputes it from BatchNorm's input. Elsewhere (eager, GPUs) both are the
-    backend's kernels."""
+    need not be kept for it, inductor recomputes it from BatchNorm's input. There ActQuantFn can check x for
+    NaN/Inf in its backward (`nonfinite`): a check in the forward is a reduction over every activation that
+    inductor does not fuse with the quantizer's fused forward (a compiled BatchNorm->ReLU6->quantizer block:
+    ~0.3 ns per element). Elsewhere (eager, GPUs) both are the backend's kernels."""
     return x.device.type == "cpu" and torch.compiler.is_compiling()
-
-
-def checks_in_backward(x: Tensor) -> bool:
-    """Whether ActQuantFn can check x for NaN/Inf in its backward (`nonfinite`): where the backward is fused
-    (`_fusable`). A check in the forward is a reduction over every activation that inductor does not fuse with
-    the quantizer's fused forward (a compiled BatchNorm->ReLU6->quantizer block: ~0.3 ns per element)."""
-    return _fusable(x)
 
 
 def _channel_sum(t: Tensor) -> Tensor:
@@ -229,27 +224,22 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 def _act_bwd_fused(g, x, scale, offset, n: int, p: int, grad_scale: float, nonfinite):
     """reference.act_bwd, its sums per channel first; `nonfinite`: set to 1 in place when x holds a NaN or Inf."""
-    _, _, xs, q, in_rng = reference._act_quantize(x, scale, offset, n, p)
-    gf = g.float()
-    gx = (gf * in_rng).to(g.dtype)
-    gs = (_channel_sum(gf * (q - xs * in_rng)) * grad_scale).reshape(scale.shape)
-    go = None if offset is None else (_channel_sum(gf * (~in_rng)) * grad_scale).reshape(offset.shape)
     if nonfinite is not None:
         # x * 0 is NaN exactly where x is NaN or Inf; times (g == g), 1 unless g is NaN, which keeps it NaN only
         # there and makes it a backward value: a term of x alone the partitioner moves into the forward graph,
         # where it is a pass of its own over x, and x must then be kept for the backward.
         bad = torch.isnan(_channel_sum(x.float() * 0 * (g == g)))
         nonfinite.copy_(torch.maximum(nonfinite, bad.to(nonfinite.dtype)))
-    return gx, gs, go
+    return reference.act_bwd(g, x, scale, offset, n, p, grad_scale, total=_channel_sum)
 
 
 class ActQuantFn(torch.autograd.Function):
     """x -> fake-quantized x. `s_min`: the scale floor. `nonfinite` (a quantizer's 0-d int32 flag; only where
-    `checks_in_backward(x)`): the backward sets it to 1 in place when x holds a NaN or an Inf."""
+    `fusable(x)`): the backward sets it to 1 in place when x holds a NaN or an Inf."""
 
     @staticmethod
     def forward(ctx, x, scale, offset, n, p, grad_scale, backend, s_min=None, nonfinite=None):
-        fused = _fusable(x)
+        fused = fusable(x)
         if nonfinite is not None and not fused:
             raise ValueError("ActQuantFn: x is checked in the backward (nonfinite) only where it is fused "
                              "(torch.compile on CPU)")

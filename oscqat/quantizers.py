@@ -10,8 +10,7 @@ from torch import nn
 from . import backend as _backend
 from . import step_hook, weight_check
 from .config import check_bits, check_scale_min
-from .ops import (CHANGED_IN_OP, NONFINITE_IN_OP, ActQuantFn, checks_in_backward, checks_in_op, native_weight_op,
-                  quantize_weight)
+from .ops import CHANGED_IN_OP, NONFINITE_IN_OP, ActQuantFn, checks_in_op, fusable, native_weight_op, quantize_weight
 from .reference import UNINIT, decode_flags
 
 _STATE = ("prev_int", "flags", "freq", "ema")
@@ -393,7 +392,7 @@ class QuantAct(_Checked):
         params = (self.scale,) + ((self.offset,) if self.offset is not None else ())
         # Compiled on the CPU, the fused backward checks x (the flag is read after the optimizer step anyway); a
         # backward runs when anything here needs a gradient.
-        in_bwd = (self.check_finite and checks_in_backward(x) and torch.is_grad_enabled()
+        in_bwd = (self.check_finite and fusable(x) and torch.is_grad_enabled()
                   and any(t.requires_grad for t in (x,) + params))
         if in_bwd:
             nonfinite = self.nonfinite if self._first_forward("scale/offset", *params) else None

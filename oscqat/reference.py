@@ -139,14 +139,15 @@ def act_fwd(x, scale, offset, n: int, p: int):
     return y.to(x.dtype)
 
 
-def act_bwd(g, x, scale, offset, n: int, p: int, grad_scale: float):
-    """(dL/dx in x's dtype, dL/ds fp32 like scale, dL/do fp32 like scale; zeros without an offset)."""
+def act_bwd(g, x, scale, offset, n: int, p: int, grad_scale: float, *, total=torch.sum):
+    """(dL/dx in x's dtype, dL/ds fp32 like scale, dL/do fp32 like scale; zeros without an offset). `total`: how
+    the sums are taken (the order is free, docs/semantics.md)."""
     _, _, xs, q, in_rng = _act_quantize(x, scale, offset, n, p)
     gf = g.float()
     gx = (gf * in_rng).to(g.dtype)
-    gs = ((gf * (q - xs * in_rng)).sum() * grad_scale).reshape(scale.shape)
+    gs = (total(gf * (q - xs * in_rng)) * grad_scale).reshape(scale.shape)
     if offset is None:
         go = torch.zeros_like(scale, dtype=torch.float32)
     else:
-        go = ((gf * (~in_rng)).sum() * grad_scale).reshape(scale.shape)
+        go = (total(gf * (~in_rng)) * grad_scale).reshape(scale.shape)
     return gx, gs, go
