@@ -3,6 +3,7 @@ reference-eager (our re-implementation of the published reference code), torch.c
 ATen's LSQ ops, in one run on one device. See bench/README.md.
 
     python bench/run.py [--device cpu|cuda] [--quick] [--json PATH] [--markdown PATH] [--plot PATH]
+    python bench/run.py --device cuda --quick --suites e2e --e2e-modes compiled --plan   # what it would run
 """
 from __future__ import annotations
 
@@ -54,6 +55,71 @@ def plan(args):
     return dict(sizes=["4K", "64K", "1M", "16M"], weight_dtypes=["fp32", "bf16"], act_dtypes=["fp32", "bf16"],
                 big_weight_dtypes=["fp32", "bf16"], budget=0.6, min_reps=3, warmup=1, group_min_reps=6,
                 batch=args.batch or 8, res=args.res or 160, compile_skip=None, compile_dtypes=["fp32", "bf16"])
+
+
+SUITES = ("kernels", "weightset", "e2e")
+E2E_MODES = ("eager", "compiled")
+
+
+def e2e_backends(args) -> tuple:
+    """The oscqat backends of the end-to-end steps (CPU: the cpp backend only; the torch backend's step is 2-3x
+    the float one and would double the run); --e2e-backends narrows them."""
+    default = ("triton", "cuda", "torch") if args.device == "cuda" else ("cpp",)
+    return tuple(b for b in default if not args.e2e_backends or b in args.e2e_backends)
+
+
+def kernel_rows(p):
+    """(op, dtype name, size) of every kernel row this plan measures, in run order."""
+    for op in KERNEL_OPS:
+        for dname in (p["weight_dtypes"] if op.startswith("weight") else p["act_dtypes"]):
+            for size in p["sizes"]:
+                if op.startswith("weight") and size == "16M" and dname not in p["big_weight_dtypes"]:
+                    continue
+                yield op, dname, size
+
+
+def e2e_groups(args):
+    """(arch, compiled, [(variant, backend or None)]) of every end-to-end group, in run order: the float step
+    first, then each backend's variants (compiled: dampen+freeze only)."""
+    modes = args.e2e_modes
+    for arch in args.e2e_archs:
+        for compiled in [m == "compiled" for m in E2E_MODES if m in modes]:
+            items = [("fp32", None)]
+            for b in e2e_backends(args):
+                eager = ("lsq", "dampen+freeze") + ((W.BATCHED_E2E,) if b in ("cpp", "cuda") else ())
+                items += [(v, b) for v in (("dampen+freeze",) if compiled else eager)]
+            yield arch, compiled, items
+
+
+def kernel_contenders(args) -> list[str]:
+    names = C.contender_names(args.device)
+    return [n for n in names if not args.contenders or n in args.contenders]
+
+
+def weightset_contenders(args) -> list[str]:
+    names = C.contender_names(args.device)
+    names += [C.batched(C.oscqat_name(b)) for b in ("cpp", "cuda") if C.oscqat_name(b) in names]
+    return [n for n in names if not args.contenders or n in args.contenders]
+
+
+def describe_plan(args) -> dict:
+    """What a run with these arguments measures, without measuring (--plan): no device is touched."""
+    p = plan(args)
+    out = dict(device=args.device, quick=args.quick, suites=list(args.suites), plan=p,
+               cuda_available=torch.cuda.is_available())
+    if "kernels" in args.suites:
+        out["kernel_rows"] = [dict(op=op, dtype=d, size=s, contenders=kernel_contenders(args))
+                              for op, d, s in kernel_rows(p)]
+    if "weightset" in args.suites:
+        out["weightset_contenders"] = weightset_contenders(args)
+    if "e2e" in args.suites:
+        out["e2e"] = [dict(arch=a, compiled=c, batch=p["batch"], res=p["res"],
+                           variants=[f"{v}" + (f" ({b})" if b else "") for v, b in items])
+                      for a, c, items in e2e_groups(args)]
+    out["measurements"] = (len(out.get("kernel_rows", [])) * len(kernel_contenders(args))
+                           + len(out.get("weightset_contenders", []))
+                           + sum(len(g["variants"]) for g in out.get("e2e", [])))
+    return out
 
 
 def log(*a):
@@ -130,11 +196,12 @@ class Runner:
             self.peak_bw, src = self.copy_bw, "STREAM-like copy (dst.copy_(src), 256 MB, read+write) measured in this run"
         self.meta.update(copy_bw_gbps=round(self.copy_bw, 2), peak_bw_gbps=round(self.peak_bw, 2), peak_bw_source=src)
         log(f"device: {self.meta['device_name']}; copy {self.copy_bw:.1f} GB/s; peak used {self.peak_bw:.1f} GB/s ({src})")
-        names = C.contender_names(self.device)
-        if not self.args.skip_kernels:
-            self.kernels(names)
-        self.weightset(names)
-        self.e2e()
+        if "kernels" in self.args.suites:
+            self.kernels(kernel_contenders(self.args))
+        if "weightset" in self.args.suites:
+            self.weightset(weightset_contenders(self.args))
+        if "e2e" in self.args.suites:
+            self.e2e()
         self.meta["loadavg_end"] = H.loadavg()
         self.meta["uptime_end"] = H.uptime()
         self.meta["wall_s"] = round(time.perf_counter() - self.t0, 1)
@@ -146,22 +213,17 @@ class Runner:
 
     def kernels(self, names):
         p = self.p
-        for op in KERNEL_OPS:
-            dtypes = p["weight_dtypes"] if op.startswith("weight") else p["act_dtypes"]
-            for dname in dtypes:
-                dtype = W.DTYPES[dname]
-                for size in p["sizes"]:
-                    if op.startswith("weight") and size == "16M" and dname not in p["big_weight_dtypes"]:
-                        continue
-                    numel = SIZES[size]
-                    case = (W.WeightCase if op.startswith("weight") else W.ActCase)(numel, dtype, self.device)
-                    build = W.build_weight if op.startswith("weight") else W.build_act
-                    base = dict(workload=op, dtype=dname, size=size, numel=numel)
-                    # interleaved: on a shared machine the load drifts; each row's ratios come from one window
-                    self.measure_group([(base, name, (lambda name=name, case=case: build(name, op, case, self.device)))
-                                        for name in names], numel, W.bytes_per_elem(op, dtype), p["min_reps"],
-                                       before=self.trim)
-                    del case
+        for op, dname, size in kernel_rows(p):
+            dtype = W.DTYPES[dname]
+            numel = SIZES[size]
+            case = (W.WeightCase if op.startswith("weight") else W.ActCase)(numel, dtype, self.device)
+            build = W.build_weight if op.startswith("weight") else W.build_act
+            base = dict(workload=op, dtype=dname, size=size, numel=numel)
+            # interleaved: on a shared machine the load drifts; each row's ratios come from one window
+            self.measure_group([(base, name, (lambda name=name, case=case, op=op: build(name, op, case, self.device)))
+                                for name in names], numel, W.bytes_per_elem(op, dtype), p["min_reps"],
+                               before=self.trim)
+            del case
 
     def measure_group(self, items, numel=None, bpe=None, min_reps=None, before=None):
         """items: [(base, contender, build)]. Built first, then timed interleaved (round-robin)."""
@@ -206,7 +268,6 @@ class Runner:
                 f"{rec['contender']:<32} {ms}")
 
     def weightset(self, names):
-        names = names + [C.batched(C.oscqat_name(b)) for b in ("cpp", "cuda") if C.oscqat_name(b) in names]
         case = W.WeightSetCase(self.device)
         self.meta["weightset"] = dict(layers=case.n_layers, numel=case.numel)
         base = dict(workload="weightset_step", dtype="fp32", size=f"{case.numel / 1e6:.2f}M", numel=case.numel)
@@ -253,24 +314,19 @@ class Runner:
                                 compiled=(f"the model under torch.compile (inductor, layout_optimization="
                                           f"{torch._inductor.config.layout_optimization}, cpp_wrapper="
                                           f"{torch._inductor.config.cpp_wrapper})"
-                                          if self.args.e2e_compile else "no"))
-        # CPU: the cpp backend only (the torch backend's step is 2-3x the float one; it would double the run)
-        backends = ("triton", "cuda", "torch") if self.device == "cuda" else ("cpp",)
-        for arch in self.args.e2e_archs:
-            for compiled in ((False, True) if self.args.e2e_compile else (False,)):
-                base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}", arch=arch,
-                            compiled=compiled)
-                tag = f"{arch}{' compiled' if compiled else ''}"
-                items = [(dict(base, variant="fp32", backend=None), f"{tag} fp32",
-                          lambda arch=arch, compiled=compiled: W.build_e2e("fp32", None, self.device, p["batch"],
-                                                                           p["res"], arch, compiled))]
-                for b in backends:
-                    eager = ("lsq", "dampen+freeze") + ((W.BATCHED_E2E,) if b in ("cpp", "cuda") else ())
-                    for variant in (("dampen+freeze",) if compiled else eager):
-                        items.append((dict(base, variant=variant, backend=b), f"{tag} oscqat-{b}/{variant}",
-                                      (lambda b=b, variant=variant, arch=arch, compiled=compiled:
-                                       W.build_e2e(variant, b, self.device, p["batch"], p["res"], arch, compiled))))
-                self.measure_group(items, min_reps=p["group_min_reps"])
+                                          if "compiled" in self.args.e2e_modes else "no"),
+                                modes=list(self.args.e2e_modes), backends=list(e2e_backends(self.args)))
+        for arch, compiled, variants in e2e_groups(self.args):
+            base = dict(workload="e2e_train_step", dtype="fp32", size=f"b{p['batch']}x{p['res']}", arch=arch,
+                        compiled=compiled)
+            tag = f"{arch}{' compiled' if compiled else ''}"
+            items = []
+            for variant, b in variants:
+                name = f"{tag} fp32" if b is None else f"{tag} oscqat-{b}/{variant}"
+                items.append((dict(base, variant=variant, backend=b), name,
+                              (lambda b=b, variant=variant, arch=arch, compiled=compiled:
+                               W.build_e2e(variant, b, self.device, p["batch"], p["res"], arch, compiled))))
+            self.measure_group(items, min_reps=p["group_min_reps"])
 
     def metadata(self):
         return dict(device=self.device, device_name=H.device_name(self.device), versions=H.versions(),
@@ -593,11 +649,47 @@ def main(argv=None):
     ap.add_argument("--e2e-archs", default=",".join(W.E2E_ARCHS),
                     help="comma-separated torchvision models of the end-to-end steps (default: "
                          f"{','.join(W.E2E_ARCHS)})")
+    ap.add_argument("--suites", default=",".join(SUITES),
+                    help=f"comma-separated suites to run, in this order: {', '.join(SUITES)} (default: all)")
+    ap.add_argument("--contenders", default="",
+                    help="comma-separated contender names: only these in the kernel rows and the weight set "
+                         "(default: every contender of the device)")
+    ap.add_argument("--e2e-modes", default=None,
+                    help="comma-separated end-to-end modes: eager, compiled (default: eager, plus compiled with "
+                         "--e2e-compile)")
+    ap.add_argument("--e2e-backends", default="",
+                    help="comma-separated oscqat backends of the end-to-end steps (default: triton,cuda,torch on "
+                         "cuda, cpp on cpu)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print what would be measured (JSON) and exit without measuring; needs no GPU, also "
+                         "with --device cuda (bench/gpu_check.py --dry-run)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    args.e2e_archs = [a for a in args.e2e_archs.split(",") if a]
-    if not set(args.e2e_archs) <= set(W.E2E_ARCHS):
-        ap.error(f"--e2e-archs: choose from {', '.join(W.E2E_ARCHS)}, got {args.e2e_archs}")
+
+    def _list(value, choices, flag):
+        got = [a.strip() for a in value.split(",") if a.strip()]
+        bad = [a for a in got if a not in choices]
+        if bad:
+            ap.error(f"{flag}: choose from {', '.join(choices)}, got {', '.join(bad)}")
+        return got
+
+    args.e2e_archs = _list(args.e2e_archs, W.E2E_ARCHS, "--e2e-archs")
+    args.suites = _list(args.suites, SUITES, "--suites")
+    if args.skip_kernels:
+        args.suites = [s for s in args.suites if s != "kernels"]
+    every = C.contender_names(args.device) + [C.batched(C.oscqat_name(b)) for b in ("cpp", "cuda")]
+    args.contenders = _list(args.contenders, every, "--contenders")
+    if args.e2e_modes is None:
+        args.e2e_modes = ["eager"] + (["compiled"] if args.e2e_compile else [])
+    else:
+        args.e2e_modes = _list(args.e2e_modes, E2E_MODES, "--e2e-modes")
+    args.e2e_compile = "compiled" in args.e2e_modes
+    args.e2e_backends = _list(args.e2e_backends, C.OSCQAT_BACKENDS, "--e2e-backends")
+    if args.plan:
+        print(json.dumps(describe_plan(args), indent=1))
+        if args.device == "cuda" and not torch.cuda.is_available():
+            log("run.py --plan: no CUDA device here; the plan above is what a GPU run would measure")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     if args.threads or args.device == "cpu":
