@@ -86,6 +86,17 @@ def _quantize(x, n_f, p_f):
 
 
 @_device
+def _decode_flags(fl):
+    """(fz, last_dir, uninitialised) of the int32-widened int8 flags: the flag encoding of docs/semantics.md, the
+    one decoding of this backend (the reference's is `oscqat.reference.decode_flags`, the C++/CUDA's csrc/flags.h).
+    Every int8 value decodes; only -128 is uninitialised, and -127..-2 decode as 0 (fz = 0, last_dir = 0)."""
+    valid = fl >= -1
+    fz = tl.where(valid, (fl + 1) >> 2, 0)
+    last_dir = tl.where(valid, fl - 4 * fz, 0)
+    return fz, last_dir, fl == -128
+
+
+@_device
 def _tile(pid, C, K, NKB, I64: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_K: tl.constexpr):
     if ONE_ROW:     # per-tensor scale (C == 1): offsets are the columns, no multiply by K (loads vectorise
@@ -137,8 +148,7 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
     w_int, _ = _quantize(x, n_f, p_f)
     if HAS_STATE:
         fl = tl.load(flags_ptr + offs, mask=m2, other=0).to(tl.int32)
-        uninit = fl < -1
-        fz = tl.where(uninit, 0, (fl + 1) >> 2)
+        fz, last_dir, uninit = _decode_flags(fl)
         frozen = fz >= 1
         if TRACK:
             e = tl.load(ema_ptr + offs, mask=m2, other=0.0)
@@ -160,8 +170,7 @@ def _weight_fwd_kernel(w_ptr, s_ptr, prev_ptr, flags_ptr, freq_ptr, ema_ptr, fth
         prev = tl.load(prev_ptr + offs, mask=m2, other=0).to(tl.float32)
         fr = tl.load(freq_ptr + offs, mask=m2, other=0.0)
         fth = tl.zeros_like(fr) + tl.load(fth_ptr).to(tl.float32)   # a tile: the interpreter mistypes scalar & tile
-        init = fl >= -1
-        last_dir = tl.where(uninit, 0, fl - 4 * fz)
+        init = ~uninit
         delta = w_eff - prev
         switched = (delta != 0.0) & init
         direction = tl.where(delta > 0.0, 1, tl.where(delta < 0.0, -1, 0))
@@ -224,7 +233,7 @@ def _weight_bwd_kernel(g_ptr, w_ptr, s_ptr, flags_ptr, ema_ptr, coef_ptr, gw_ptr
     w_int, in_rng = _quantize(x, n_f, p_f)
     if HAS_STATE:
         fl = tl.load(flags_ptr + offs, mask=m2, other=0).to(tl.int32)
-        fz = tl.where(fl < -1, 0, (fl + 1) >> 2)
+        fz, _, _ = _decode_flags(fl)
         if TRACKED:
             frozen = fz == 1
             mask = in_rng & (fz != 1)

@@ -12,15 +12,17 @@ from .config import METHODS, QATConfig
 from .convert import FixedQuantAct, IntConv1d, IntConv2d, IntLinear, convert
 from .correction import quantization_correction
 from .dampening import dampening_loss
+from .distributed import StateConsistencyCheck, broadcast_state, exclude_state_from_ddp, unwrap
 from .ema import QATModelEMA
 from .export import (compare_onnxruntime, encodings, export_encodings, export_onnx, export_program, export_pt2,
                      onnx_weight_ints)
 from .fold import fold_bn
-from .layers import QuantConv1d, QuantConv2d, QuantLinear
+from .layers import QuantConv1d, QuantConv2d, QuantLinear, is_depthwise
 from .prepare import prepare, quant_layers, quantizers, weight_quantizers
 from .quantizers import NonFiniteError, QuantAct, WeightQuantizer, quantize_weights
 from .report import format_report, oscillation_report
 from .schedule import QATSchedule, arm_tracking, scales_at_floor
+from .state_check import InvalidStateError
 from .summary import PrepareSummary
 from .transition import TransitionRateSchedule
 from .weight_check import WeightChangedError
@@ -31,5 +33,7 @@ __all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", 
            "oscillation_report", "prepare", "quant_layers", "quantization_correction", "quantize_weights",
            "quantizers", "reestimate_bn", "scales_at_floor", "set_backend", "use_backend", "weight_quantizers",
            "FixedQuantAct", "IntConv1d", "IntConv2d", "IntLinear", "compare_onnxruntime", "convert", "encodings",
-           "export_encodings", "export_onnx", "export_program", "export_pt2", "onnx_weight_ints"]
+           "export_encodings", "export_onnx", "export_program", "export_pt2", "onnx_weight_ints",
+           "StateConsistencyCheck", "broadcast_state", "exclude_state_from_ddp", "unwrap", "InvalidStateError",
+           "is_depthwise"]
 __version__ = "0.1.0"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import torch
-
 NAMES = ("auto", "torch", "triton", "cpp", "cuda")
 _MODULES = {"torch": "oscqat.reference", "triton": "oscqat.kernels", "cpp": "oscqat.cpp_backend",
             "cuda": "oscqat.cpp_backend"}
@@ -58,7 +56,15 @@ def available(name: str, device_type: str) -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result(fn)` without its `import torch._dynamo` (3-4 s at `import oscqat`,
+    bench/results/cpu/import_time.md): that decorator only sets this attribute, which dynamo reads when it traces
+    a call of `fn` (tests/test_import_time.py checks that it still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve(device_type: str) -> str:
     """The concrete backend name for tensors on `device_type` under the current setting (a constant for
     torch.compile: it is decided once per setting and device type)."""

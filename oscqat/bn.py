@@ -10,10 +10,21 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50) -> int:
+def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50, sync: bool | None = None,
+                  group=None) -> int:
     """Replace every BatchNorm's running statistics by their cumulative average over `num_batches` batches
     (momentum=None) of the quantized model. Quantizer state, scales and module modes are left as they were.
-    Returns the number of batches used."""
+    Returns the number of batches used (on this rank).
+
+    `model` may be wrapped (DDP, FSDP, torch.compile): the batches run through the module inside, without the
+    wrapper's buffer broadcasts. With a process group initialised (`sync=None`, or `sync=True`), each rank runs
+    its own `batches` (its shard of the data), then one all-reduce makes every rank's statistics the average of
+    the ranks' estimates weighted by their batch counts: what one process computes over all ranks' batches, up
+    to float summation order (docs/semantics.md, "Distributed"). `sync=False` keeps per-rank statistics."""
+    from .distributed import sync_bn_statistics, unwrap, world_size
+    model = unwrap(model)
+    if sync is None:
+        sync = world_size(group) > 1
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
@@ -34,6 +45,12 @@ def reestimate_bn(model: nn.Module, batches: Iterable, num_batches: int = 50) ->
             m.momentum = momenta[m]
         for m, mode in modes.items():
             m.training = mode
-    if used == 0:
+    if sync:
+        total = torch.tensor([float(used)], dtype=torch.float64,
+                             device=next((m.running_mean.device for m in bns if m.running_mean is not None), "cpu"))
+        sync_bn_statistics(bns, group, total)
+        if float(total) == 0:
+            raise ValueError("oscqat.reestimate_bn: no batch was given on any rank")
+    elif used == 0:
         raise ValueError("oscqat.reestimate_bn: no batch was given")
     return used

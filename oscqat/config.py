@@ -64,13 +64,13 @@ class QATConfig:
     check_finite: bool = True                # NaN/Inf check in each step's first forward (no sync on GPU)
     # Learn the scale (and offset) of the quantizers of the model's input, those of the input layers? Off, they
     # keep the calibrated (or first-batch) range: learning it is what makes the first convolution compute its
-    # input gradient, which nothing else needs (resnet18 on CPU: 55 ms of a 430 ms step).
+    # input gradient, which nothing else needs (bench/results/cpu/docstring_numbers.md, `learn-input-scale`).
     learn_input_scale: bool = False
     # Quantize the weights of all layers in one call (one C++ op, one autograd node) before each training forward
-    # instead of one per layer (eager, cpp/cuda backends; CPU weight-set step 16.5 -> 14.0 ms on 2 threads). The
-    # layers batched are those that ran in the previous training forward; one that stops running is tracked once
-    # more, and every weight gradient is ready only at the end of backward (DDP cannot overlap their all-reduce;
-    # up to one more copy of the weights in memory). docs/semantics.md, "Batched weights".
+    # instead of one per layer (eager, cpp/cuda backends; measured: bench/results/cpu/docstring_numbers.md,
+    # `batch-weights`). The layers batched are those that ran in the previous training forward; one that stops
+    # running is tracked once more, and every weight gradient is ready only at the end of backward (DDP cannot
+    # overlap their all-reduce; up to one more copy of the weights in memory). docs/semantics.md, "Batched weights".
     batch_weights: bool = False
     extra: dict = field(default_factory=dict)
 

@@ -13,8 +13,9 @@ from torch import nn
 from torch.ao.quantization.fx import _decomposed
 from torch.nn import functional as F
 
-from .bn import _BN
+from .fold import foldable_bn
 from .layers import QuantConv1d, QuantConv2d, QuantLinear, _QuantLayer
+from .prepare import _set_submodule
 from .quantizers import QuantAct
 
 # The quantize/dequantize calls of the converted modules: torch's `quantized_decomposed` ops (registered by
@@ -169,20 +170,16 @@ class IntConv2d(_IntConv):
 _INT_LAYER = {QuantConv1d: IntConv1d, QuantConv2d: IntConv2d, QuantLinear: IntLinear}
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 @torch.no_grad()
 def _fold_bn(model: nn.Module) -> int:
-    """Fold every BatchNorm that directly follows an int-weight conv/linear in an nn.Sequential into it: with
+    """Fold every BatchNorm that directly follows an int-weight conv/linear in an nn.Sequential into it (the types
+    `oscqat.fold_bn` folds, `fold.foldable_bn`: exact types, so a subclass that carries an activation stays): with
     k = gamma / sqrt(var + eps), the scales become s * |k| per output channel (per-channel from then on), the
     integers of channels with k < 0 change sign, and the bias becomes (b - mean) * k + beta. The integers keep
     their grid; only fp32 rounding differs from conv-then-BN (docs/export.md)."""
     pairs = [(seq, i, a, b) for seq in model.modules() if isinstance(seq, nn.Sequential)
              for i, (a, b) in enumerate(zip(list(seq), list(seq)[1:]))
-             if isinstance(a, _IntWeightLayer) and isinstance(b, _BN)]
+             if isinstance(a, _IntWeightLayer) and foldable_bn(b)]
     for seq, i, layer, bn in pairs:
         who = layer.layer_name
         if layer.output_correction is not None:
@@ -191,7 +188,7 @@ def _fold_bn(model: nn.Module) -> int:
         if bn.running_var is None:
             raise ValueError(f"{who}: the BatchNorm after it keeps no running statistics; it cannot be folded")
         k = bn.running_var.float().add(bn.eps).rsqrt()
-        if bn.affine:
+        if bn.weight is not None:       # affine (FrozenBatchNorm2d always is, and has no `affine`)
             k = k * bn.weight.float()
         neg = k < 0
         flip = neg.reshape(-1, *([1] * (layer.weight_int.dim() - 1))) & (layer.weight_int == layer.qmin)
@@ -203,7 +200,7 @@ def _fold_bn(model: nn.Module) -> int:
         layer.weight_int.mul_(sign)
         scale = layer.scales().to(k.device).expand(k.numel()) * k.abs()
         bias = torch.zeros_like(k) if layer.bias is None else layer.bias.float()
-        bias = (bias - bn.running_mean.float()) * k + (bn.bias.float() if bn.affine else 0.0)
+        bias = (bias - bn.running_mean.float()) * k + (bn.bias.float() if bn.bias is not None else 0.0)
         if not layer.per_channel:
             layer.per_channel = True
             del layer.weight_scale
@@ -215,8 +212,87 @@ def _fold_bn(model: nn.Module) -> int:
     return len(pairs)
 
 
-def convert(model: nn.Module, fold_bn: bool = False) -> nn.Module:
+def _fsdp_original_class(m: nn.Module):
+    """The class `fully_shard` replaced, or None for a module FSDP2 did not touch."""
+    for i, c in enumerate(type(m).__mro__):
+        if c.__name__ == "FSDPModule" and c.__module__.startswith("torch.distributed"):
+            return type(m).__mro__[getattr(c, "_orig_cls_mro_index", 2)]
+    return None
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _from_torch_distributed(hook) -> bool:
+    owner = getattr(hook, "__self__", None)
+    mod = getattr(hook, "__module__", None) or (type(owner).__module__ if owner is not None else "")
+    return (mod or "").startswith("torch.distributed") or (
+        owner is not None and type(owner).__module__.startswith("torch.distributed"))
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@torch.no_grad()
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` as plain modules: through DDP / FSDP1 / torch.compile wrappers, and for an FSDP2
+    (`fully_shard`) model with every sharded parameter gathered to its full tensor (a collective: every rank must
+    call it), the original classes, and FSDP's hooks and state left out. `model` is left as it was."""
+    from .distributed import unwrap
+    model = unwrap(model)
+    mods = list(model.modules())
+    sharded = any(_is_dtensor(p) for m in mods for p in m._parameters.values() if p is not None)
+    if not sharded and not any(_fsdp_original_class(m) is not None for m in mods):
+        return copy.deepcopy(model)
+    saved = []
+    try:
+        for m in mods:
+            entry = {"class": m.__class__, "params": dict(m._parameters), "dict": {}}
+            orig = _fsdp_original_class(m)
+            if orig is not None:
+                m.__class__ = orig
+            for k in list(m.__dict__):
+                if k.startswith("__composable_api_state_key") or k in ("_is_fsdp_managed_module",
+                                                                       "_fsdp_use_orig_params"):
+                    entry["dict"][k] = m.__dict__.pop(k)
+            dropped = set()
+            for attr in _HOOK_DICTS + _HOOK_FLAGS:
+                hooks = m.__dict__.get(attr)
+                if hooks:
+                    entry["dict"].setdefault("hooks", {})[attr] = hooks
+                    if attr in _HOOK_FLAGS:     # flags keyed by hook id, after the hooks themselves
+                        m.__dict__[attr] = type(hooks)((k, v) for k, v in hooks.items() if k not in dropped)
+                        continue
+                    dropped |= {k for k, h in hooks.items() if _from_torch_distributed(h)}
+                    m.__dict__[attr] = type(hooks)((k, h) for k, h in hooks.items() if k not in dropped)
+            for name, p in list(m._parameters.items()):
+                if _is_dtensor(p):
+                    m._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(),
+                                                       requires_grad=p.requires_grad)
+            saved.append((m, entry))
+        out = copy.deepcopy(model)
+    finally:
+        for m, entry in saved:
+            m.__class__ = entry["class"]
+            m._parameters.clear()
+            m._parameters.update(entry["params"])
+            for attr, hooks in entry["dict"].pop("hooks", {}).items():
+                m.__dict__[attr] = hooks
+            m.__dict__.update(entry["dict"])
+    return out
+
+
+def convert(model: nn.Module, fold_bn: bool = False, state_dict: dict | None = None) -> nn.Module:
     """The inference model of a prepared (QAT) model, in eval mode, as a new module (`model` is left as it is).
+
+    `model` may be wrapped (DDP, FSDP1, torch.compile) or sharded by FSDP2's `fully_shard` (then its parameters
+    are gathered: a collective, call it on every rank). `state_dict`: load it (e.g. the full state dict of
+    `torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
+    full_state_dict=True))`, or a saved one) into the copy before converting; `model` then only gives the
+    structure (a prepared model of the same architecture).
 
     Every QuantConv1d/QuantConv2d/QuantLinear becomes an IntConv1d/IntConv2d/IntLinear holding int8 integers
     (frozen weights at their frozen integers) and fp32 scale(s); every QuantAct a FixedQuantAct. Its output equals
@@ -224,12 +300,16 @@ def convert(model: nn.Module, fold_bn: bool = False) -> nn.Module:
     layer in an nn.Sequential into it (same integers, per-channel scales; outputs then differ by fp32 rounding,
     docs/export.md). A never-calibrated activation quantizer or a non-finite scale is a ValueError naming the
     layer."""
+    from .distributed import unwrap
+    model = unwrap(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantLayer)]
     if not layers:
         raise ValueError("convert: the model has no oscqat layer; call oscqat.prepare first")
     if any(isinstance(m, _IntWeightLayer) for m in model.modules()):
         raise ValueError("convert: the model is already converted")
-    out = copy.deepcopy(model).eval()
+    out = plain_copy(model).eval()
+    if state_dict is not None:
+        out.load_state_dict(state_dict)
     for name, layer in [(n, m) for n, m in out.named_modules() if isinstance(m, _QuantLayer)]:
         new = _INT_LAYER[type(layer)](layer, name)
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
@@ -245,10 +325,12 @@ def convert(model: nn.Module, fold_bn: bool = False) -> nn.Module:
 
 def int_layers(model: nn.Module) -> list[tuple[str, _IntWeightLayer]]:
     """(name, layer) of every converted int-weight layer of `model`, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _IntWeightLayer)]
+    from .distributed import unwrap
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, _IntWeightLayer)]
 
 
 def as_converted(model: nn.Module) -> nn.Module:
-    """`model` when it is already converted, else `convert(model)`."""
-    return model if int_layers(model) else convert(model)
+    """`model` when it is already converted, else `convert(model)` (through wrappers, see `convert`)."""
+    from .distributed import unwrap
+    return unwrap(model) if int_layers(model) else convert(model)
 

@@ -10,9 +10,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .bn import _BN           # BatchNorms with running statistics, subclasses included (bn.py: the one list)
 from .prepare import quant_layers
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class ChannelAffine(nn.Module):

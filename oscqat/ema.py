@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from .distributed import unwrap
+
 
 class QATModelEMA:
     """`ema = QATModelEMA(model)`; after each optimizer step `ema.update(model)`; evaluate `ema.model`.
@@ -21,7 +23,7 @@ class QATModelEMA:
             raise ValueError(f"QATModelEMA: decay must be in (0, 1), got {decay!r}")
         self.decay = decay
         self.updates = 0
-        self.model = copy.deepcopy(model).eval()
+        self.model = copy.deepcopy(unwrap(model)).eval()     # the module inside a DDP / torch.compile wrapper
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -31,6 +33,7 @@ class QATModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        model = unwrap(model)
         src = dict(model.named_parameters())
         pairs = [(p, src[name].detach()) for name, p in self.model.named_parameters()
                  if p.is_floating_point()]

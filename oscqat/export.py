@@ -61,6 +61,9 @@ def _batch_dim(args):
 def _program(model: nn.Module, example_inputs, dynamic_batch: bool, aten: bool):
     model = as_converted(model).eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    # copies: the program keeps its example inputs (a .pt2 saves them), and a slice such as x[:2] would bring the
+    # whole storage of x with it (the test set, 31 MB, in a 0.5 MB model's .pt2)
+    args = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
     if dynamic_batch and any(a.shape[0] < 2 for a in args):
         raise ValueError(f"export: a dynamic batch dimension needs example inputs with a batch of at least 2 "
                          f"(torch.export specialises size 1), got {[tuple(a.shape) for a in args]}; or pass "
@@ -185,7 +188,9 @@ def export_program(model: nn.Module, example_inputs, dynamic_batch: bool = True,
 
 
 def export_pt2(model: nn.Module, example_inputs, path, dynamic_batch: bool = True, keep_qdq: bool = False) -> str:
-    """Save `export_program(model, example_inputs, ...)` at `path` (`.pt2`, `torch.export.load` reads it)."""
+    """Save `export_program(model, example_inputs, ...)` at `path` (`.pt2`, `torch.export.load` reads it). The file
+    holds the program, the converted weights and a copy of `example_inputs` (its sample inputs): pass one small
+    batch (docs/export.md, "File sizes")."""
     torch.export.save(export_program(model, example_inputs, dynamic_batch, keep_qdq), os.fspath(path))
     return os.fspath(path)
 

@@ -8,15 +8,21 @@ import itertools
 import torch
 from torch import nn
 
+from . import weight_check
 from .layers import _QuantLayer
-from .reference import UNINIT
+from .reference import decode_flags, uninitialised
 
-# Exactly these types: a subclass may add an activation (timm's BatchNormAct2d).
-_FOLDABLE = {f"torch.nn.modules.batchnorm.{n}" for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")} | \
+# The BatchNorms folded into the layer before them, by `fold_bn` and by `convert(fold_bn=True)`: exactly these
+# types, never a subclass, which may add an activation (timm's BatchNormAct2d) that replacing it by nn.Identity
+# would drop. Matched by name, so that torchvision need not be imported. (Re-estimating statistics, bn.py, takes
+# every subclass: an activation does not change what the statistics are.)
+_FOLDABLE = {f"torch.nn.modules.batchnorm.{n}" for n in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+                                                            "SyncBatchNorm")} | \
     {"torchvision.ops.misc.FrozenBatchNorm2d"}
 
 
-def _foldable(m: nn.Module) -> bool:
+def foldable_bn(m: nn.Module) -> bool:
+    """Whether `m` is a BatchNorm that folding may replace by nn.Identity (the one rule for fold_bn and convert)."""
     return f"{type(m).__module__}.{type(m).__qualname__}" in _FOLDABLE
 
 
@@ -28,16 +34,17 @@ def _pairs(model: nn.Module):
             continue
         kids = list(seq.named_children())
         for (a_name, a), (b_name, b) in itertools.pairwise(kids):
-            if isinstance(a, _QuantLayer) and _foldable(b):
+            if isinstance(a, _QuantLayer) and foldable_bn(b):
                 prefix = f"{seq_name}." if seq_name else ""
                 yield prefix + a_name, a, prefix + b_name, seq, b_name
 
 
 @torch.no_grad()
 def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
-    """Fold every BatchNorm (nn.BatchNorm1d/2d/3d, torchvision's FrozenBatchNorm2d) that directly follows a
-    quantized layer in an nn.Sequential (torchvision's and timm's conv-norm blocks) into that layer, in place,
-    using the BatchNorm's running statistics (as in eval), and replace it by nn.Identity. Returns the (layer,
+    """Fold every BatchNorm (nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm, torchvision's FrozenBatchNorm2d; exactly these
+    types, not a subclass, which may carry an activation) that directly follows a quantized layer in an
+    nn.Sequential (torchvision's and timm's conv-norm blocks) into that layer, in place, using the BatchNorm's
+    running statistics (as in eval), and replace it by nn.Identity. Returns the (layer,
     BatchNorm) pairs folded; other BatchNorms are left as they are. Per output channel c, with
     k = gamma / sqrt(running_var + eps):
 
@@ -107,7 +114,8 @@ def _fold(layer, bn, name: str, bn_name: str) -> None:
     if q.flags is not None and bool(neg.any()):
         q.prev_int.copy_(torch.where(neg, -q.prev_int, q.prev_int))
         q.ema.copy_(torch.where(neg, -q.ema, q.ema))
-        fz = (q.flags.to(torch.int32) + 1) >> 2
-        flipped = (4 * fz - (q.flags.to(torch.int32) - 4 * fz)).to(torch.int8)
-        q.flags.copy_(torch.where(neg & (q.flags != UNINIT), flipped, q.flags))
+        fz, last_dir = decode_flags(q.flags)
+        flipped = (-last_dir + 4 * fz).to(torch.int8)
+        q.flags.copy_(torch.where(neg & ~uninitialised(q.flags), flipped, q.flags))
     q.weight_ref = None
+    weight_check.forget(q)

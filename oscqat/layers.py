@@ -103,3 +103,8 @@ class QuantLinear(_QuantLayer, nn.Linear):
 
 
 FLOAT_TO_QUANT = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A depthwise convolution (one group per input channel, more than one), float or quantized."""
+    return getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels

@@ -6,8 +6,9 @@ forward ops to the backward ops (the tracked forward mutates state, so it cannot
 formula itself). Semantics: docs/semantics.md.
 
 The `cpp` and `cuda` backends are C++ ops already (`torch.ops.oscqat_C`, schemas and fake implementations of
-their own), so the Functions call them directly: going through the Python custom op as well cost ~20 us per
-call on CPU (Python dispatch, then the mutation's version bump), as much as a 64K-element kernel.
+their own), so the Functions call them directly: going through the Python custom op as well costs Python
+dispatch and the mutation's version bump per call, as much as a mid-sized kernel on CPU (measured:
+bench/results/cpu/docstring_numbers.md, `ops-custom-op`).
 """
 from __future__ import annotations
 
@@ -91,8 +92,15 @@ def _(g, w, scale, flags, ema, grad_d, n, p, grad_scale, damp, damp_div, tracked
 def _floor(scale: Tensor, s_min: Optional[float]) -> Tensor:
     """The scale floor (docs/semantics.md, "Scale floor"): max(s, s_min) forward. Inside the Function, the
     scale's gradient is the floored scale's, unchanged (Brevitas' clamp-min STE), so a scale at the floor can climb
-    back; a separate autograd node for it cost ~30 us per layer and step."""
+    back; a separate autograd node for it cost more per layer and step (bench/results/cpu/docstring_numbers.md,
+    `ops-floor-node`)."""
     return scale if s_min is None else scale.clamp_min(s_min)
+
+
+def at_floor(scale: Tensor, s_min: float) -> Tensor:
+    """Where a scale sits at its floor: s <= s_min, i.e. where the scale used, max(s, s_min), is s_min. The one
+    definition behind `oscqat.scales_at_floor`, `oscillation_report`'s count and `prepare`'s notes."""
+    return scale.detach() <= s_min
 
 
 class WeightQuantFn(torch.autograd.Function):
@@ -162,10 +170,11 @@ def quantize_weight(w, scale, flags, ema, track_state, f_th, n, p, momentum, dam
                     s_min=None, check_finite=False, weight_ref=None):
     """`WeightQuantFn.apply(...)`; in eager mode on the cpp and cuda backends the same forward and backward as one
     C++ op with its own autograd node (oscqat_C::weight_quant, csrc/weight_quant_autograd.cpp): the Python
-    Function's forward and backward cost ~80 us per layer and step, as much as the kernels of a 100K-weight
-    layer. Same kernels, same values. `check_finite`, `weight_ref` (only where `checks_in_op`): raise
-    RuntimeError(NONFINITE_IN_OP / CHANGED_IN_OP) before anything is written when `w` or `scale` holds NaN/Inf,
-    or when the checksum of `w` (weight_check.checksum) differs from `weight_ref`."""
+    Function's forward and backward cost as much per layer and step as the kernels of a mid-sized layer
+    (bench/results/cpu/docstring_numbers.md, `ops-weight-quant-op`). Same kernels, same values. `check_finite`,
+    `weight_ref` (only where `checks_in_op`): raise RuntimeError(NONFINITE_IN_OP / CHANGED_IN_OP) before anything
+    is written when `w` or `scale` holds NaN/Inf, or when the checksum of `w` (weight_check.checksum) differs from
+    `weight_ref`."""
     native = native_weight_op(backend)
     if native is None:
         if check_finite or weight_ref is not None:
@@ -218,7 +227,7 @@ def fusable(x: Tensor) -> bool:
 def _channel_sum(t: Tensor) -> Tensor:
     """The sum of t, per channel (dim 1) first, as BatchNorm's backward sums: inductor then computes it in
     BatchNorm's loop (the scale gradient as one sum over all elements was a loop of its own, and made the
-    fused backward slower than the kernel: resnet18 step 680 vs 645 ms)."""
+    fused backward slower than the kernel: bench/results/cpu/docstring_numbers.md, `ops-sum-per-channel`)."""
     return t.sum([d for d in range(t.dim()) if d != 1]).sum() if t.dim() > 1 else t.sum()
 
 

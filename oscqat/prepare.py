@@ -15,7 +15,9 @@ from torch.nn.utils import parametrize
 from . import weight_batch
 from .bn import _BN
 from .config import QATConfig
+from .distributed import exclude_state_from_ddp
 from .graph import Flow, fx_flow, traced_flow
+from .ops import at_floor
 from .layers import FLOAT_TO_QUANT, _QuantLayer
 from .quantizers import QuantAct, WeightQuantizer
 from .summary import PrepareSummary
@@ -84,7 +86,8 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
     iterable of input batches or (input, target) pairs; a detector's batch is (list of images, targets)), else
     from the first training batch. What was done is in `model.oscqat_summary` (printed when `verbose`).
 
-    Build the optimizer after `prepare`: the scales are new parameters."""
+    Build the optimizer after `prepare`: the scales are new parameters. Wrap the result in DDP or FSDP2 after
+    `prepare` (docs/semantics.md, "Distributed"): `prepare` marks the oscqat buffers for DDP to leave alone."""
     config = config or QATConfig()
     already = [name for name, m in model.named_modules() if isinstance(m, _QuantLayer)]
     if already:
@@ -143,6 +146,7 @@ def prepare(model: nn.Module, config: QATConfig | None = None, calib_data: Itera
         weight_batch.attach(model)
     model._oscqat_config = config
     model.oscqat_summary = summary
+    exclude_state_from_ddp(model)      # DDP(model) does not broadcast the tracking state (docs/semantics.md)
     if verbose:
         print(summary.short())
     return model
@@ -254,9 +258,9 @@ def init_weight_scales(model: nn.Module, method: str = "mse") -> list[tuple[str,
         zero = int((w.detach().reshape(s.numel(), -1).abs().amax(dim=1) == 0).sum())
         if zero:
             notes.append((q.layer_name, f"{zero} all-zero row(s): scale from the default init range"))
-        low = int((s < q.scale_min).sum())
+        low = int(at_floor(s, q.scale_min).sum())
         if low:
-            notes.append((q.layer_name, f"{low} scale(s) below scale_min={q.scale_min:g}, raised to it"))
+            notes.append((q.layer_name, f"{low} scale(s) at or below scale_min={q.scale_min:g}, set to it"))
         q.scale.copy_(s.clamp_min(q.scale_min))
     return notes
 
@@ -343,8 +347,8 @@ def calibrate_activations(model: nn.Module, data: Iterable, num_batches: int = 8
         s = _act_scale(v, a.qmin, a.qmax, method)
         if not bool(v.abs().max() > 0):
             notes.append((a.layer_name, "all calibration inputs were 0: scale for the range [0, 1]"))
-        elif bool(s < a.scale_min):
-            notes.append((a.layer_name, f"scale {float(s):.3g} below scale_min={a.scale_min:g}, raised to it"))
+        elif bool(at_floor(s, a.scale_min)):
+            notes.append((a.layer_name, f"scale {float(s):.3g} at or below scale_min={a.scale_min:g}, set to it"))
         a.scale.copy_(s.clamp_min(a.scale_min))
         a.initialized = True
     return notes

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from . import step_hook, weight_check
+from . import state_check, step_hook, weight_check
 from .config import check_bits, check_scale_min
 from .ops import CHANGED_IN_OP, NONFINITE_IN_OP, ActQuantFn, checks_in_op, fusable, native_weight_op, quantize_weight
 from .reference import UNINIT, decode_flags
@@ -26,8 +26,9 @@ def _compiling() -> bool:
 
 def _assign(m: nn.Module, name: str, value) -> None:
     """`m.name = value` for the attributes a quantizer writes once per step (armed, last_damp, last_counts). In
-    eager mode it goes past nn.Module.__setattr__, which searches the parameter, buffer and module dicts (~3% of a
-    weight-set step); under torch.compile dynamo traces the normal path."""
+    eager mode it goes past nn.Module.__setattr__, which searches the parameter, buffer and module dicts (a few %
+    of a weight-set step: bench/results/cpu/docstring_numbers.md, `quantizers-assign`); under torch.compile dynamo
+    traces the normal path."""
     if _compiling():
         setattr(m, name, value)
     elif name in m._buffers:
@@ -43,7 +44,7 @@ def _eager_cpu(tensors) -> bool:
 def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
     """0-d int32 device tensor: 1 when a NaN or Inf is in one of the tensors (then their fp32 sum is NaN or Inf;
     a finite sum beyond fp32's range would also flag, and is reported as such). No host sync. One summing pass
-    costs a fraction of isfinite(t).all() (20x less on CPU)."""
+    costs a fraction of isfinite(t).all() (bench/results/cpu/docstring_numbers.md, `quantizers-nonfinite-sum`)."""
     sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])
     return (~torch.isfinite(sums.sum())).to(torch.int32)
 
@@ -158,6 +159,8 @@ class WeightQuantizer(_Checked):
         self.register_buffer("last_counts", torch.zeros(2, dtype=torch.int32), persistent=False)
         self.last_damp: torch.Tensor | None = None
         self.weight_ref: torch.Tensor | None = None     # checksum at the last optimizer step (weight_check.py)
+        self.weight_ref_region: tuple | None = None     # the shard it covers, for a sharded (FSDP2) weight
+        weight_check.forget(self)      # weight_ref_t / weight_ref_ok: the same, as tensors, for torch.compile
 
     @property
     def qmin(self) -> int:
@@ -179,7 +182,7 @@ class WeightQuantizer(_Checked):
                 w, scale, b["flags"], b["ema"], (b["prev_int"], b["freq"]) if track else None, b["freeze_threshold"],
                 self.qmin, self.qmax, self.momentum, self.dampen, self.damp_div, self.grad_scale, name,
                 self.scale_min, check_finite=in_op and self.check_finite,
-                weight_ref=self.weight_ref if in_op else None)
+                weight_ref=self._op_weight_ref(in_op))
         except RuntimeError as e:
             if in_op:
                 self._raise_check_failure(str(e), w)
@@ -195,17 +198,28 @@ class WeightQuantizer(_Checked):
             raise ValueError(f"{who}: weight shape {tuple(w.shape)} does not match the quantizer's {self.shape}")
         first = self._is_first()
         # Eager on the CPU with the C++ op, its kernel checks (NaN/Inf, checksum) in one pass over the weight
-        # that leaves it in cache for the tracked kernel: ~40 us per layer less than the Python checks.
+        # that leaves it in cache for the tracked kernel: cheaper than the Python checks
+        # (bench/results/cpu/docstring_numbers.md, `quantizers-checks-in-op`).
         in_op = first and checks_in_op(w, name)
-        # The dicts, not self.<name>: nn.Module.__getattr__ costs ~0.7 us per parameter or buffer read, 4 us of
-        # a ~30 us forward.
+        # The dicts, not self.<name>: nn.Module.__getattr__ costs a measurable part of a forward per parameter or
+        # buffer read (bench/results/cpu/docstring_numbers.md, `quantizers-module-dicts`).
         scale, b = self._parameters["scale"], self._buffers
         if first and not in_op:
             if self.check_finite:
                 self._check("weight/scale", w, scale)
-            if self.weight_ref is not None:
+            if _compiling():        # always traced, so that no guard on `weight_ref is None` recompiles at step 2
+                self._check_weight_compiled(w)
+            elif self.weight_ref is not None:
                 self._check_weight(w)
+        elif in_op and self.weight_ref is not None and self.__dict__.get("weight_ref_region") is not None:
+            self._check_weight(w)       # a shard's checksum: checked here on its box, not by the op
         return first, in_op, first and self.tracking, scale, b
+
+    def _op_weight_ref(self, in_op: bool):
+        """The checksum the C++ op compares the whole weight with (None: no check in the op)."""
+        if not in_op or self.__dict__.get("weight_ref_region") is not None:
+            return None
+        return self.weight_ref
 
     def _end(self, first: bool, track: bool, d, counts) -> None:
         if first:
@@ -220,13 +234,24 @@ class WeightQuantizer(_Checked):
         if CHANGED_IN_OP in error:
             raise weight_check.WeightChangedError(weight_check.message(self.layer_name)) from None
 
+    def _check_weight_compiled(self, w: torch.Tensor) -> None:
+        region = self.__dict__.get("weight_ref_region")
+        bad = weight_check.changed(self.weight_ref_t, w, region) & self.weight_ref_ok
+        self.nonfinite = torch.maximum(self.nonfinite, bad.to(torch.int32) * weight_check.WEIGHT_CHANGED)
+
     def _check_weight(self, w: torch.Tensor) -> None:
+        region = self.__dict__.get("weight_ref_region")
         if _eager_cpu((w,)):
-            if bool(weight_check.changed(self.weight_ref, w)):
+            if bool(weight_check.changed(self.weight_ref, w, region)):
                 raise weight_check.WeightChangedError(weight_check.message(self.layer_name))
             return
-        bad = weight_check.changed(self.weight_ref, w).to(torch.int32) * weight_check.WEIGHT_CHANGED
+        bad = weight_check.changed(self.weight_ref, w, region).to(torch.int32) * weight_check.WEIGHT_CHANGED
         self.nonfinite = torch.maximum(self.nonfinite.to(bad.device), bad)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "weight_ref_t" not in self.__dict__:     # pickled before these existed
+            weight_check.forget(self)
 
     def __getstate__(self):
         # last_damp belongs to the autograd graph of the last forward: copies and pickles must not carry it
@@ -261,6 +286,7 @@ class WeightQuantizer(_Checked):
         # model.half()/.to(dtype) must not touch the scale or the fp32 state (docs/semantics.md).
         super()._apply(fn, recurse)
         self.weight_ref = None      # the weight moves or changes dtype with it
+        weight_check.forget(self)
         if self.scale.dtype != torch.float32:
             self.scale.data = self.scale.data.float()
         for k in ("freq", "ema", "freeze_threshold"):
@@ -283,7 +309,11 @@ class WeightQuantizer(_Checked):
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.scale.shape):
             raise ValueError(f"{self.layer_name}: scale in the checkpoint has shape {tuple(state_dict[key].shape)}, "
                              f"expected {tuple(self.scale.shape)}")
+        # values no run can write (a hand-edited or corrupted checkpoint): refused before anything is copied
+        state_check.check_loaded_state(self.layer_name, state_dict, prefix, {k: getattr(self, k) for k in _STATE},
+                                       self.qmin, self.qmax)
         self.weight_ref = None      # the layer's weight is being loaded too
+        weight_check.forget(self)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -301,7 +331,7 @@ def quantize_weights(quantizers, weights) -> list[torch.Tensor]:
     """`[q(w) for q, w in zip(quantizers, weights)]`: the same outputs, state, errors and gradients, bit for bit.
     Eager on the cpp and cuda backends it is one C++ call with one autograd node for all of them
     (oscqat_C::weight_quant_list) instead of a call and a node per layer (on CPU also one parallel region for all
-    their kernels: the MobileNetV2 weight-set step 16.5 -> 14.0 ms on 2 threads).
+    their kernels; measured: bench/results/cpu/docstring_numbers.md, `batch-weights`).
     One difference: the step's first-forward checks of every layer (NaN/Inf, weight changed) run before any of
     them writes state, so a failure leaves every layer's state as it was (the first failing layer in list order is
     named). Elsewhere (torch.compile, other backends, mixed devices, a quantizer listed twice) it is the loop."""
@@ -331,7 +361,7 @@ def quantize_weights(quantizers, weights) -> list[torch.Tensor]:
         gsc.append(q.grad_scale)
         smin.append(q.scale_min)
         chk.append(int(in_op and q.check_finite))
-        ref.append(q.weight_ref if in_op else None)
+        ref.append(q._op_weight_ref(in_op))
     try:
         w_hats, ds, counts = native.weight_quant_list(ws, [b[3] for b in begun], pi, fl, fr, em, fth, n, p, mom,
                                                        damp, ddiv, gsc, smin, chk, ref)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 
 UNINIT = -128
+# The values of `flags` that a fresh quantizer and the tracked forward write: UNINIT, and last_dir + 4 * fz with
+# last_dir in {-1, 0, 1}, fz in {0, 1, 2}. Every other int8 value still decodes (decode_flags), the same way on
+# every backend, but a checkpoint holding one is refused (oscqat/state_check.py).
+WRITTEN_FLAGS = (UNINIT, -1, 0, 1, 3, 4, 5, 7, 8, 9)
 
 
 def _by_channel(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -23,12 +27,20 @@ def _quantize(w, scale, n, p):
     return wf, s, x, rounded.clamp(n, p), (rounded >= n) & (rounded <= p)
 
 
+# The flag encoding (docs/semantics.md, "The flag encoding"): these two functions are its one decoding here;
+# kernels/_triton.py (`_decode_flags`) and csrc/flags.h are the others'.
 def decode_flags(flags: torch.Tensor):
-    """(fz, last_dir) as int32 from the packed int8 `flags` (see docs/semantics.md)."""
+    """(fz, last_dir) as int32 from the packed int8 `flags`, for every int8 value: below -1, fz = last_dir = 0."""
     f = flags.int()
-    fz = torch.where(f < -1, 0, (f + 1) >> 2)
-    last_dir = torch.where(f < -1, 0, f - 4 * fz)
+    valid = f >= -1
+    fz = torch.where(valid, (f + 1) >> 2, 0)
+    last_dir = torch.where(valid, f - 4 * fz, 0)
     return fz, last_dir
+
+
+def uninitialised(flags: torch.Tensor) -> torch.Tensor:
+    """Where `flags` says "not yet initialised": -128 only (-127..-2 decode as 0, initialised)."""
+    return flags == UNINIT
 
 
 def _frozen_view(flags, ema, scale, untracked: bool):
@@ -71,7 +83,7 @@ def weight_fwd_track(w, scale, prev_int, flags, freq, ema, f_th, n: int, p: int,
     wf, s, _, w_int, _ = _quantize(w, scale, n, p)
     fl = _by_channel(flags, scale)
     fz, last_dir = decode_flags(fl)
-    uninit = fl == UNINIT
+    uninit = uninitialised(fl)
     ema_c = _by_channel(ema, scale)
     frozen = fz >= 1
     w_eff = torch.where(frozen, ema_c, w_int)

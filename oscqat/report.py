@@ -7,6 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import prepared
+from .layers import is_depthwise
+from .ops import at_floor
 from .prepare import quant_layers, quantizers
 
 OSC_THRESHOLD = 0.005
@@ -14,6 +17,9 @@ OSC_THRESHOLD = 0.005
 
 @torch.no_grad()
 def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> dict:
+    """`model`: prepared, or its DDP / FSDP / torch.compile wrapper (the state is per rank and identical on every
+    rank; under FSDP2 each rank holds the whole state, docs/semantics.md "Distributed")."""
+    model = prepared(model, "oscillation_report")
     layers, tot = [], {"numel": 0, "oscillating": 0, "osc_unfrozen": 0, "frozen": 0, "freq_sum": 0.0}
     for name, layer in quant_layers(model):
         q = layer.weight_quant
@@ -27,7 +33,7 @@ def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> di
         frozen = int(frozen_mask.sum())
         fsum = float(q.freq.double().sum())
         layers.append({"layer": name, "bits": q.bits, "numel": numel,
-                       "depthwise": getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels,
+                       "depthwise": is_depthwise(layer),
                        "osc_pct": 100.0 * osc / numel, "osc_unfrozen_pct": 100.0 * osc_unfrozen / numel,
                        "frozen_pct": 100.0 * frozen / numel,
                        "mean_freq": fsum / numel})
@@ -38,11 +44,11 @@ def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> di
     total = {"numel": tot["numel"], "osc_pct": 100.0 * tot["oscillating"] / n,
              "osc_unfrozen_pct": 100.0 * tot["osc_unfrozen"] / n,
              "frozen_pct": 100.0 * tot["frozen"] / n, "mean_freq": tot["freq_sum"] / n}
-    at_floor = [{"quantizer": q.layer_name, "at_floor": int((q.scale <= q.scale_min).sum()),
-                 "scales": q.scale.numel(), "scale_min": q.scale_min}
-                for q in quantizers(model) if bool((q.scale <= q.scale_min).any())]
-    total["scales_at_floor"] = sum(r["at_floor"] for r in at_floor)
-    return {"threshold": threshold, "layers": layers, "total": total, "scales_at_floor": at_floor}
+    floor = [(q, int(at_floor(q.scale, q.scale_min).sum())) for q in quantizers(model)]
+    floor = [{"quantizer": q.layer_name, "at_floor": k, "scales": q.scale.numel(), "scale_min": q.scale_min}
+             for q, k in floor if k]
+    total["scales_at_floor"] = sum(r["at_floor"] for r in floor)
+    return {"threshold": threshold, "layers": layers, "total": total, "scales_at_floor": floor}
 
 
 def format_report(report: dict) -> str:

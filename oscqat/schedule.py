@@ -8,6 +8,8 @@ from torch import nn
 
 from . import step_hook, weight_check
 from .config import QATConfig
+from .distributed import prepared, prepared_config
+from .ops import at_floor
 from .prepare import quant_layers, quantizers, weight_quantizers
 
 
@@ -16,6 +18,7 @@ def arm_tracking(model: nn.Module) -> None:
     inputs, weights and scales checked for NaN/Inf. Every `torch.optim` optimizer step that holds the model's
     weights or scales already does this (oscqat/step_hook.py); call it yourself with another kind of update.
     It also accepts the weights as they are now (oscqat/weight_check.py)."""
+    model = prepared(model, "arm_tracking")
     for q in quantizers(model):
         q.arm()
     weight_check.record((m for _, m in quant_layers(model)), force=True)
@@ -23,8 +26,10 @@ def arm_tracking(model: nn.Module) -> None:
 
 def scales_at_floor(model: nn.Module) -> torch.Tensor:
     """How many learned scale values sit at their floor `scale_min` (docs/semantics.md): a 0-d int64 device
-    tensor, no sync. Many of them means scales are being pushed towards zero (learning rate too high for them)."""
-    counts = [(q.scale.detach() <= q.scale_min).sum() for q in quantizers(model)]
+    tensor, no sync. Many of them means scales are being pushed towards zero (learning rate too high for them).
+    `model`: prepared, or its DDP / FSDP / torch.compile wrapper."""
+    model = prepared(model, "scales_at_floor")
+    counts = [at_floor(q.scale, q.scale_min).sum() for q in quantizers(model)]
     if not counts:
         return torch.zeros((), dtype=torch.int64)
     return torch.stack(counts).sum()
@@ -48,13 +53,18 @@ class QATSchedule:
             loss.backward(); opt.step(); opt.zero_grad(); sched.step()
 
     f_th goes by a cosine from `freeze_start` to `freeze_end` after the warm-up (freezing off before it);
-    lam from 0 to `damp_lambda` by the same shape."""
+    lam from 0 to `damp_lambda` by the same shape.
+
+    `model`: the prepared model or its DDP / FSDP / torch.compile wrapper; `config` defaults to the QATConfig
+    `oscqat.prepare` recorded on it (a model without one is an error, not a default)."""
 
     def __init__(self, model: nn.Module, total_steps: int, config: QATConfig | None = None):
         if not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"QATSchedule: total_steps must be a positive integer, got {total_steps!r}")
-        self.config = config or getattr(model, "_oscqat_config", None) or QATConfig()
-        self.model = model
+        self.model = prepared(model, "QATSchedule")
+        self.config = config if config is not None else prepared_config(self.model, "QATSchedule")
+        if not isinstance(self.config, QATConfig):
+            raise TypeError(f"QATSchedule: config must be a QATConfig, got {type(self.config).__name__}")
         self.total_steps = total_steps
         self.step_count = 0
         self._apply()

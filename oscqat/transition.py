@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 
+from .distributed import prepared
 from .layers import _QuantLayer
 from .reference import UNINIT
 from .prepare import weight_quantizers
@@ -98,6 +99,7 @@ class TransitionRateSchedule:
                                                                                      and mu_min <= 0):
             raise ValueError(f"{who}: need 0 <= mu_min <= mu_init <= mu_max < inf (mu_min > 0 for the "
                              f"multiplicative rule), got mu_min={mu_min!r}, mu_init={mu_init!r}, mu_max={mu_max!r}")
+        model = prepared(model, who)
         self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
         self.tr_start, self.tr_end, self.schedule, self.milestones = float(tr_start), float(tr_end), schedule, \
             tuple(milestones)

@@ -366,7 +366,8 @@ def test_dampening_loss_sums_the_layers():
     plain(torch.ones(1, 2))
     zero = oscqat.dampening_loss(plain)
     assert zero.dim() == 0 and zero.item() == 0.0
-    assert oscqat.dampening_loss(nn.ReLU()).item() == 0.0         # no parameters at all
+    with pytest.raises(ValueError, match="no oscqat weight quantizer"):      # not prepared: not a silent zero
+        oscqat.dampening_loss(nn.ReLU())
 
 
 def test_transition_target_rate_by_hand():

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "../flags.h"
+
 // GCC only (clang ignores `#pragma GCC target`; there the baseline build runs everywhere, which is correct).
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
 #define OSCQAT_X86_AVX2_DISPATCH 1

@@ -86,9 +86,8 @@ static inline void wfwd_core(int64_t len, const float* __restrict w, float s, fl
     const float wi = clampf(rne(wf * r), nf, pf);
     float weff = wi;
     if constexpr (STATE) {
-      const int f = flags[i];
       const float e = ema[i];     // loaded unconditionally: a conditional load stops vectorisation
-      weff = f >= 3 ? e : wi;     // fz >= 1  <=>  flags >= 3
+      weff = flag_frozen(flags[i]) ? e : wi;
     }
     const float q = s * weff;
     out[i] = q;
@@ -110,12 +109,9 @@ static inline void track_decode(int64_t len, const int8_t* __restrict flags, con
   for (int64_t i = 0; i < len; ++i) {
     const int f = flags[i];
     pvb[i] = static_cast<float>(prev[i]);
-    const bool valid = f >= -1;  // -128 (uninitialised) and other values below -1 decode to fz = 0, dir = 0
-    const int fz = valid ? (f + 1) >> 2 : 0;
-    const int ld = valid ? f - 4 * fz : 0;
-    fzb[i] = static_cast<float>(fz);
-    ldb[i] = static_cast<float>(ld);
-    unb[i] = f == -128 ? 1.f : 0.f;
+    fzb[i] = static_cast<float>(flag_fz(f));
+    ldb[i] = static_cast<float>(flag_last_dir(f));
+    unb[i] = flag_uninit(f) ? 1.f : 0.f;
   }
 }
 
@@ -195,9 +191,9 @@ static inline void wbwd_core(int64_t len, const float* __restrict g, const float
     bool mask = inr;
     if constexpr (STATE) {
       const int f = flags[i];
-      // frozen = fz == 1 after a tracked forward (flags in [3, 6]), fz >= 1 after an untracked one
+      // frozen = fz == 1 after a tracked forward, fz >= 1 after an untracked one
       const float e = ema[i];
-      const bool frozen = TRACKED ? ((f >= 3) & (f <= 6)) : (f >= 3);
+      const bool frozen = TRACKED ? flag_frozen_tracked(f) : flag_frozen(f);
       weff = frozen ? e : wi;
       mask = inr & !frozen;
     }

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "../flags.h"
+
 namespace oscqat {
 namespace cuda {
 
@@ -46,9 +48,6 @@ __device__ __forceinline__ float clampf(float v, float lo, float hi) {
   v = v < lo ? lo : v;
   return hi < v ? hi : v;
 }
-
-// flags decoding (docs/semantics.md): fz = (f + 1) >> 2, last_dir = f - 4 fz for f >= -1; else 0, 0.
-__device__ __forceinline__ int decode_fz(int f) { return f >= -1 ? (f + 1) >> 2 : 0; }
 
 // ------------------------------------------------------------------------------------------ reductions
 template <typename V>
@@ -112,9 +111,9 @@ __global__ void weight_fwd_kernel(const T* __restrict__ w, const float* __restri
       float weff = wi;
       if (TRACK) {
         const int f = flags[i];
-        const bool un = f == -128;
-        const int fz = decode_fz(f);
-        const int ld = f >= -1 ? f - 4 * fz : 0;
+        const bool un = flag_uninit(f);
+        const int fz = flag_fz(f);
+        const int ld = flag_last_dir(f);
         const bool frozen = fz >= 1;
         const float e = ema[i];
         weff = frozen ? e : wi;
@@ -138,7 +137,7 @@ __global__ void weight_fwd_kernel(const T* __restrict__ w, const float* __restri
         nsw += sw;
         nosc += osc;
       } else if (flags != nullptr) {
-        if (decode_fz(flags[i]) >= 1) weff = ema[i];
+        if (flag_frozen(flags[i])) weff = ema[i];
       }
       const float q = mul(s, weff);
       out[i] = from_f<T>(q);
@@ -209,8 +208,8 @@ __global__ void weight_bwd_kernel(const TG* __restrict__ g, const TW* __restrict
       float weff = wi;
       bool mask = inr;
       if (flags != nullptr) {
-        const int fz = decode_fz(flags[i]);
-        const bool frozen = tracked ? fz == 1 : fz >= 1;
+        const int f = flags[i];
+        const bool frozen = tracked ? flag_frozen_tracked(f) : flag_frozen(f);
         if (frozen) weff = ema[i];
         mask = inr && !frozen;
       }
