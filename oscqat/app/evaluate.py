@@ -4,7 +4,9 @@ re-estimation, with the oscillation report. Another dataset is refused unless --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import torch
 
 import oscqat
 
+from .cli import process_start
 from .data import Batches, describe, load_dataset
-from .train import build_model, evaluate, load_checkpoint, resolve_device
+from .train import _START, Phase, build_model, evaluate, load_checkpoint, log, resolve_device, with_progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,8 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpp", "cuda"))
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress lines go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+@contextlib.contextmanager
+def json_to_stdout(args):
+    """With --json, what is printed inside (progress lines, bars) goes to stderr: stdout holds the JSON alone."""
+    if getattr(args, "json", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    else:
+        yield
 
 
 def load_model(ck: dict, device="cpu") -> torch.nn.Module:
@@ -70,6 +83,26 @@ def _mismatch(saved: dict, ds) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    t0 = _START[0] = process_start()        # log lines and the total count from the start of the process
+    with json_to_stdout(args):
+        res, rep, mismatch = _run(args, t0)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    elif not args.quiet:
+        print(oscqat.format_report(rep))
+        print(f"dataset: {describe(res['dataset'])}"
+              + (f" -- NOT the checkpoint's: {res['dataset_mismatch']}" if mismatch else ""))
+        print(f"{args.checkpoint} (epoch {res['epoch']}/{res['epochs']}) on {res['dataset']['name']}: fp "
+              f"{res['fp_acc']:.2f}%  pre-BN {res['acc_pre_bn']:.2f}%  post-BN {res['acc_post_bn']:.2f}%  "
+              f"oscillating {res['osc_pct']:.3f}%  frozen {res['frozen_pct']:.3f}%")
+        tm = res["timings"]
+        print(f"{res['total_s']:.0f} s in all: Python start-up and imports {tm['startup_s']:.0f} s, data "
+              f"{tm['data_s']:.0f} s, eval {tm['eval_s']:.0f} s, BN re-estimation {tm['bn_reestimate_s']:.0f} s")
+    return 0
+
+
+def _run(args: argparse.Namespace, t0: float):
+    timings: dict = {"startup_s": time.time() - t0}
     ck = load_checkpoint(args.checkpoint)
     a = ck["args"]
     saved = trained_dataset(ck)
@@ -89,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             ds = load_dataset(args.dataset, args.data_dir, subset=a.get("subset"),
                               test_subset=args.test_subset or a.get("test_subset"),
                               image_size=a.get("image_size"), seed=a.get("seed", 0))
+        timings["data_s"] = time.time() - t0 - timings["startup_s"]
         mismatch = _mismatch(saved, ds)
         if mismatch and not args.allow_dataset_mismatch:
             raise ValueError(f"{args.checkpoint}: {'; '.join(mismatch)}. Omit --dataset to use the checkpoint's, "
@@ -96,28 +130,25 @@ def run(args: argparse.Namespace) -> int:
         if ds.num_classes != ck["num_classes"] or ds.in_channels != ck["in_channels"]:
             raise ValueError(f"dataset {ds.name!r} has {ds.num_classes} classes and {ds.in_channels} channels; the "
                              f"checkpoint's model expects {ck['num_classes']} and {ck['in_channels']}")
+        log(args, f"data: {describe(ds.info)} (loaded in {timings['data_s']:.1f} s); device {device}, "
+                  f"{torch.get_num_threads()} torch threads")
         model = load_model(ck, device)
         bs = args.batch_size or a.get("batch_size", 128)
         test = Batches(ds.test_x, ds.test_y, 512, device=device)
         t = time.time()
-        pre = evaluate(model, test)
+        with Phase(args, timings, "eval_s", f"eval: the checkpoint on {len(ds.test_y)} test images"):
+            pre = evaluate(model, with_progress(test, "eval", args))
         n_bn = args.bn_batches or a.get("bn_batches", 50)
-        oscqat.reestimate_bn(model, Batches(ds.train_x, ds.train_y, bs, shuffle=True, seed=a.get("seed", 0) + 777,
-                                            device=device, max_batches=n_bn), num_batches=n_bn)
-        post = evaluate(model, test)
+        batches = Batches(ds.train_x, ds.train_y, bs, shuffle=True, seed=a.get("seed", 0) + 777, device=device,
+                          max_batches=n_bn)
+        with Phase(args, timings, "bn_reestimate_s", f"BN re-estimation over {len(batches)} training batches"):
+            oscqat.reestimate_bn(model, with_progress(batches, "BN re-estimation", args), num_batches=n_bn)
+        with Phase(args, timings, "eval_s", "eval: after BN re-estimation"):
+            post = evaluate(model, with_progress(test, "eval", args))
         rep = oscqat.oscillation_report(model)
     res = {"checkpoint": args.checkpoint, "dataset": ds.info, "trained_on": saved,
            "dataset_mismatch": "; ".join(mismatch) or None, "epoch": ck["epoch"], "epochs": a.get("epochs"),
            "fp_acc": ck["fp"]["fp_acc"], "fp_acc_method": ck["fp"].get("fp_acc_method"), "acc_pre_bn": pre,
            "acc_post_bn": post, "osc_pct": rep["total"]["osc_pct"], "frozen_pct": rep["total"]["frozen_pct"],
-           "test_size": len(ds.test_y), "eval_s": time.time() - t}
-    if args.json:
-        print(json.dumps(res, indent=2))
-    elif not args.quiet:
-        print(oscqat.format_report(rep))
-        print(f"dataset: {describe(ds.info)}"
-              + (f" -- NOT the checkpoint's: {res['dataset_mismatch']}" if mismatch else ""))
-        print(f"{args.checkpoint} (epoch {ck['epoch']}/{a.get('epochs')}) on {ds.name}: fp {res['fp_acc']:.2f}%  "
-              f"pre-BN {pre:.2f}%  post-BN {post:.2f}%  oscillating {res['osc_pct']:.3f}%  "
-              f"frozen {res['frozen_pct']:.3f}%")
-    return 0
+           "test_size": len(ds.test_y), "eval_s": time.time() - t, "timings": timings, "total_s": time.time() - t0}
+    return res, rep, mismatch

