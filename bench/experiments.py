@@ -61,7 +61,12 @@ DEFAULTS = dict(steps=1500, batch_size=32, lr=0.01, weight_decay=2.5e-5, scale_l
                 lr_schedule="cosine", dw_spread=None)
 
 # Priority plans (the order runs are done in). (model, setting, method, seeds)
+_LITE = [(st, m) for st in ("W4A4", "W3A32") for m in ("lsq", "dampen-cos", "freeze-cos")]
 PLANS = {
+    # ImageNet-pretrained EfficientNet-Lite0 fine-tuned to Fashion-MNIST 32x32, per-tensor weights: one seed of
+    # every cell first; "lite-b" takes the same runs from the other end, for a second process
+    "lite": [("efficientnet-lite0", st, m, (sd,)) for sd in (0, 1, 2) for st, m in _LITE],
+    "lite-b": [("efficientnet-lite0", st, m, (sd,)) for sd in (2, 1, 0) for st, m in reversed(_LITE)],
     "a": [("small-mobilenet", "W3A32", "lsq", (0, 1, 2)), ("small-resnet", "W3A32", "lsq", (0, 1, 2)),
           ("small-mobilenet", "W4A32", "lsq", (0, 1, 2)), ("small-resnet", "W4A32", "lsq", (0, 1, 2))],
     "c": [("small-mobilenet", "W3A32", "freeze-cos", (0, 1, 2)), ("small-mobilenet", "W3A32", "dampen-cos", (0, 1, 2)),
@@ -152,12 +157,15 @@ PLANS = {
 }
 
 _DATA = {}
+# models trained at another size than Fashion-MNIST's 28x28 (their FP checkpoint records it too)
+IMAGE_SIZE = {"efficientnet-lite0": 32}
 
 
-def dataset():
-    if "ds" not in _DATA:
-        _DATA["ds"] = load_dataset("fashion-mnist", seed=0)
-    return _DATA["ds"]
+def dataset(model_name: str = ""):
+    size = IMAGE_SIZE.get(model_name)
+    if size not in _DATA:
+        _DATA[size] = load_dataset("fashion-mnist", seed=0, image_size=size)
+    return _DATA[size]
 
 
 def run_path(model_name, setting, method, seed, tag="") -> Path:
@@ -303,7 +311,7 @@ def run_one(model_name: str, setting: str, method: str, seed: int, cfg: dict | N
             write: bool = True) -> dict:
     c = dict(DEFAULTS, **(cfg or {}))
     t0 = time.time()
-    ds = dataset()
+    ds = dataset(model_name)
     wb, ab = SETTINGS[setting]
     qmethod, lam_kind, lam_max, fth_kind, fth = METHODS[method]
     torch.manual_seed(seed)
@@ -828,12 +836,59 @@ def plots(runs) -> list[str]:
     return made
 
 
+def paired(runs, model, setting, method, key):
+    """method - lsq on the same seed (the same calibration batches and batch order), for each seed both ran."""
+    base = {r["seed"]: r[key] for r in sel(runs, model=model, setting=setting, method="lsq")}
+    return [r[key] - base[r["seed"]] for r in sel(runs, model=model, setting=setting, method=method)
+            if r["seed"] in base]
+
+
+def pretrained_tables(runs, model="efficientnet-lite0") -> list[str]:
+    """The pretrained net's cells: accuracy, BN gap, oscillations, BN KL by layer kind, paired gains over LSQ."""
+    rs_all = sel(runs, model=model)
+    if not rs_all:
+        return []
+    L = ["", f"## Pretrained {model} fine-tuned to Fashion-MNIST 32x32, per-tensor weights (FP "
+              f"{rs_all[0]['fp_acc']:.2f} %)", "",
+         "| setting | method | pre-BN | post-BN | post − pre | Δ pre vs lsq (paired) | Δ post vs lsq (paired) | "
+         "osc. % | frozen % | BN KL dw / pw (mean) | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for st in ("W4A4", "W3A32", "W3A3"):
+        for meth in ("lsq", "dampen-cos", "freeze-cos", "tr", "ema+qc"):
+            rs = sel(runs, model=model, setting=st, method="lsq" if meth == "ema+qc" else meth)
+            if meth == "ema+qc":
+                rs = [r for r in rs if "ema_qc" in r]
+            if not rs:
+                continue
+            if meth == "ema+qc":
+                pre, post = [r["ema_pre_bn"] for r in rs], [r["ema_qc"] for r in rs]
+                base = {r["seed"]: r for r in rs}
+                dpre = [r["ema_pre_bn"] - base[r["seed"]]["acc_pre_bn"] for r in rs]
+                dpost = [r["ema_qc"] - base[r["seed"]]["acc_post_bn"] for r in rs]
+                osc, kl = "(as lsq)", "–"
+            else:
+                pre, post = [r["acc_pre_bn"] for r in rs], [r["acc_post_bn"] for r in rs]
+                dpre = paired(runs, model, st, meth, "acc_pre_bn") if meth != "lsq" else []
+                dpost = paired(runs, model, st, meth, "acc_post_bn") if meth != "lsq" else []
+                osc = f"{ms([r['osc_pct'] for r in rs])} | {ms([r['frozen_pct'] for r in rs])}"
+                kl = (f"{ms([kind_kl(r, 'depthwise') for r in rs], '{:.3f}')} / "
+                      f"{ms([kind_kl(r, 'pointwise') for r in rs], '{:.3f}')}")
+            if meth == "ema+qc":
+                osc = "(as lsq) | –"
+            L.append(f"| {st} | {meth} | {ms(pre)} | {ms(post)} | {ms([b - a for a, b in zip(pre, post)])} | "
+                     f"{ms(dpre) if dpre else '–'} | {ms(dpost) if dpost else '–'} | {osc} | {kl} | {len(rs)} |")
+    L += ["", "Paired Δ: the method's accuracy minus LSQ's on the same seed (same calibration batches and batch "
+          "order), mean ± std over seeds. ema+qc: the LSQ runs' EMA model (pre-BN: before re-estimation; post-BN: "
+          "after re-estimation and quantization correction), paired with the same LSQ run."]
+    return L
+
+
 def merge() -> None:
     allr = load_runs_all()
     runs = [r for r in allr if not r.get("tag")]
     L = ["<!-- generated by `python bench/experiments.py merge` from runs/*.json; do not edit -->", ""]
-    L += tables(runs)
-    made = plots(runs)
+    L += tables([r for r in runs if r["model"] != "efficientnet-lite0"])
+    L += pretrained_tables(runs)
+    made = plots([r for r in runs if r["model"] != "efficientnet-lite0"])
     L += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in made), "",
           f"Runs on disk: {len(runs)} (+ {len(allr) - len(runs)} tagged); total training wall time "
           f"{sum(r['wall_s'] for r in allr) / 60:.0f} min on one shared CPU core."]
@@ -891,12 +946,20 @@ def main():
                         print(f"skip {model_name} {setting} {method} seed {seed}: would end after {a.stop_at} "
                               f"UTC (last run took {last_wall:.0f}s)", flush=True)
                         continue
+                claim = run_path(model_name, setting, method, seed, tag).with_suffix(".claim")
+                try:   # another process of the same plan (e.g. "lite-b" beside "lite") may be running it
+                    RUNS.mkdir(parents=True, exist_ok=True)
+                    os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    continue
                 t = time.time()
                 try:
                     res = run_one(model_name, setting, method, seed, cfg, tag)
                 except Exception as e:  # noqa: BLE001 - one failed run must not stop the plan
                     print(f"FAILED {model_name} {setting} {method} seed {seed}: {type(e).__name__}: {e}", flush=True)
                     continue
+                finally:
+                    claim.unlink()
                 last_wall = time.time() - t
                 print(f"{time.strftime('%H:%M:%S', time.gmtime())} {model_name} {setting} {method} seed {seed}: "
                       f"fp {res['fp_acc']:.2f} pre-BN {res['acc_pre_bn']:.2f} post-BN {res['acc_post_bn']:.2f} "

@@ -60,11 +60,14 @@ def main() -> None:
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning stage): plain "
                                                  "cosine LR from --lr to 0 instead of the one-cycle schedule")
     p.add_argument("--crop", type=int, default=1, help="1: random crop + flip; 0: flip only")
+    p.add_argument("--image-size", type=int, default=None, help="resize the images (default: the dataset's own)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (the LR schedule spans "
+                                                           "them); --epochs is then the number of epochs they need")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     command = "python bench/train_fp.py " + " ".join(shlex.quote(s) for s in sys.argv[1:])
-    ds = load_dataset(a.dataset, seed=0)
+    ds = load_dataset(a.dataset, seed=0, image_size=a.image_size)
     torch.manual_seed(a.seed)
     from experiments import make_model
     model = make_model(a.model, ds.num_classes, ds.in_channels)
@@ -77,7 +80,9 @@ def main() -> None:
     nparams = sum(p.numel() for p in model.parameters())
     train = Batches(ds.train_x, ds.train_y, a.batch_size, shuffle=True, seed=a.seed + 99, drop_last=True)
     test = Batches(ds.test_x, ds.test_y, 1000)
-    steps = a.epochs * len(train)
+    if a.steps:
+        a.epochs = -(-a.steps // len(train))
+    steps = a.steps or a.epochs * len(train)
     decay, no_decay, _ = split_params(model)
     opt = torch.optim.SGD([{"params": decay, "weight_decay": a.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, momentum=0.9, nesterov=True)
@@ -96,7 +101,9 @@ def main() -> None:
         train.set_epoch(epoch)
         model.train()
         tl = tc = tn = 0.0
-        for x, y in train:
+        for i, (x, y) in enumerate(train):
+            if epoch * len(train) + i == steps:
+                break
             x = random_crop_flip(x, g, pad=2 if a.crop else 0)
             out_ = model(x)
             loss = F.cross_entropy(out_, y, label_smoothing=a.label_smoothing)
@@ -118,6 +125,7 @@ def main() -> None:
         print(json.dumps(e), flush=True)
         ck = {"model": model.state_dict(), "fp_acc": acc, "test_size": len(ds.test_y), "model_name": a.model,
               "num_classes": ds.num_classes, "in_channels": ds.in_channels, "dataset": ds.name,
+              "image_size": list(ds.image_size), "steps": min(steps, (epoch + 1) * len(train)),
               "fp_epochs": len(prev_log) + epoch + 1, "epochs_planned": len(prev_log) + a.epochs, "seed": a.seed,
               "command": command, "init_command": init.get("command") if a.init else None,
               "recipe": vars(a), "train_log": prev_log + log["epochs"], "bn": "re-estimated, 200 x 256 training images"}

