@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 import oscqat  # noqa: E402
 from oscqat.app import models as M  # noqa: E402
 from oscqat.app.data import Batches, load_dataset  # noqa: E402
-from oscqat.app.train import build_model, evaluate, pick_depthwise, split_params  # noqa: E402
+from oscqat.app.train import build_model, evaluate, pick_depthwise  # noqa: E402
+from oscqat.app.optim import qat_optimizers  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "experiments"
 RUNS = OUT / "runs"
@@ -67,6 +68,9 @@ PLANS = {
     # every cell first; "lite-b" takes the same runs from the other end, for a second process
     "lite": [("efficientnet-lite0", st, m, (sd,)) for sd in (0, 1, 2) for st, m in _LITE],
     "lite-b": [("efficientnet-lite0", st, m, (sd,)) for sd in (2, 1, 0) for st, m in reversed(_LITE)],
+    # the same net under a constant LR, where the from-scratch study found the paper's effects (oscillations last)
+    "lite-constlr": [("efficientnet-lite0", "W4A4", m, (sd,), {"lr_schedule": "constant"}, "constlr")
+                     for sd in (0, 1) for m in ("lsq", "freeze-cos", "dampen-cos")],
     "a": [("small-mobilenet", "W3A32", "lsq", (0, 1, 2)), ("small-resnet", "W3A32", "lsq", (0, 1, 2)),
           ("small-mobilenet", "W4A32", "lsq", (0, 1, 2)), ("small-resnet", "W4A32", "lsq", (0, 1, 2))],
     "c": [("small-mobilenet", "W3A32", "freeze-cos", (0, 1, 2)), ("small-mobilenet", "W3A32", "dampen-cos", (0, 1, 2)),
@@ -331,13 +335,10 @@ def run_one(model_name: str, setting: str, method: str, seed: int, cfg: dict | N
     model = oscqat.prepare(model, config, calib_data=calib)
     model.train()
     steps = c["steps"]
-    decay, no_decay, quant = split_params(model)
-    opt_w = torch.optim.SGD([{"params": decay, "weight_decay": c["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=c["lr"], momentum=0.9)
-    opt_s = torch.optim.Adam(quant, lr=c["scale_lr"])
-    lr_w = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, steps) if c["lr_schedule"] == "cosine" else \
-        torch.optim.lr_scheduler.LambdaLR(opt_w, lambda _: 1.0)   # "constant": the study of the LR at the end
-    lr_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, steps)
+    # SGD for the weights (weight decay on conv/linear weights), Adam for the scales (cosine); the weights' LR
+    # cosine, or "constant": the study of the LR at the end
+    opt_w, opt_s, lr_w, lr_s = qat_optimizers(model, c["lr"], c["weight_decay"], c["scale_lr"], steps,
+                                              weight_schedule=c["lr_schedule"])
     sched = oscqat.QATSchedule(model, steps, config)
     tr = None
     if method == "tr":   # TR target cosine tr_start -> tr_end; TALR drives the tracked latent weights' LR

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import oscqat
 from oscqat.app.data import load_dataset
 from oscqat.app.models import small_mobilenet
+from oscqat.app.optim import qat_optimizers
 from oscqat.app.toy import run_toy_tr
 
 
@@ -60,28 +61,18 @@ def train_fp(ds, steps, bs, seed) -> torch.nn.Module:
     return model
 
 
-def split(model):
-    quant = {id(p) for m in model.modules() if isinstance(m, (oscqat.WeightQuantizer, oscqat.QuantAct))
-             for p in m.parameters(recurse=False)}
-    decay = [p for p in model.parameters() if id(p) not in quant and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if id(p) not in quant and p.dim() <= 1]
-    return decay, no_decay, [p for p in model.parameters() if id(p) in quant]
-
-
 def run_model(fp, ds, opt_name, a, use_talr=True) -> dict:
     torch.manual_seed(a.seed)
     model = oscqat.prepare(copy.deepcopy(fp), oscqat.QATConfig(weight_bits=4, act_bits=4, method=a.method),
                            calib_data=[ds.train_x[i:i + 256] for i in range(0, 1024, 256)])
-    decay, no_decay, quant = split(model)
-    groups = [{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=a.sgd_lr, momentum=0.9) if opt_name == "sgd" else \
-        torch.optim.AdamW(groups, lr=a.adamw_lr)
-    opt_s = torch.optim.Adam(quant, lr=a.scale_lr)       # scales keep the user's LR (cosine), as in oscqat train
-    lr_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, a.steps)
+    # weights: SGD or AdamW, weight decay on conv/linear weights; with TALR no LR schedule (TALR sets it), else
+    # cosine. Scales: Adam, cosine, as in oscqat train
+    opt, opt_s, lr_sched, lr_s = qat_optimizers(model, a.sgd_lr if opt_name == "sgd" else a.adamw_lr, a.wd,
+                                                a.scale_lr, a.steps, weights=opt_name,
+                                                weight_schedule=None if use_talr else "cosine")
     sched = oscqat.QATSchedule(model, a.steps)
     talr = oscqat.TransitionRateSchedule(model, opt, a.steps, tr_start=a.tr_start, tr_end=a.tr_end,
                                          rule=a.rule) if use_talr else None
-    lr_sched = None if use_talr else torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.steps)
     rates, targets, lrs = [], [], []
     prev = None
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .bn import _BN           # BatchNorms with running statistics, subclasses included (bn.py: the one list)
-from .prepare import quant_layers
+from .layers import quant_layers
 
 
 class ChannelAffine(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .distributed import unwrap
-from .prepare import weight_quantizers
+from .layers import weight_quantizers
 
 
 def dampening_loss(model: nn.Module) -> torch.Tensor:

@@ -170,7 +170,7 @@ def _checksum64(t: torch.Tensor) -> torch.Tensor:
 def state_checksums(model: nn.Module) -> tuple[list[str], torch.Tensor]:
     """(layer names, [L, 4] int64 device tensor): per tracked layer, the sum of the bit patterns of prev_int,
     flags, freq, ema (equal states give equal sums; any single differing value changes its sum)."""
-    from .prepare import quant_layers
+    from .layers import quant_layers
     names, rows = [], []
     for name, layer in quant_layers(unwrap(model)):
         q = layer.weight_quant
@@ -264,7 +264,7 @@ def broadcast_state(model: nn.Module, src: int = 0, group=None) -> None:
     dist = _dist()
     if dist is None:
         return
-    from .prepare import weight_quantizers
+    from .layers import weight_quantizers
     with torch.no_grad():
         for q in weight_quantizers(unwrap(model)):
             for k in _STATE + ("freeze_threshold",):

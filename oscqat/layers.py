@@ -105,6 +105,19 @@ class QuantLinear(_QuantLayer, nn.Linear):
 FLOAT_TO_QUANT = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
+def quant_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _QuantLayer)]
+
+
+def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
+    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+
+
+def quantizers(model: nn.Module) -> list[nn.Module]:
+    """Every WeightQuantizer and QuantAct of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, (WeightQuantizer, QuantAct))]
+
+
 def is_depthwise(layer: nn.Module) -> bool:
     """A depthwise convolution (one group per input channel, more than one), float or quantized."""
     return getattr(layer, "groups", 1) > 1 and layer.groups == layer.in_channels

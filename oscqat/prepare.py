@@ -18,25 +18,12 @@ from .config import QATConfig
 from .distributed import exclude_state_from_ddp
 from .graph import Flow, fx_flow, traced_flow
 from .ops import at_floor
-from .layers import FLOAT_TO_QUANT, _QuantLayer
+from .layers import FLOAT_TO_QUANT, _QuantLayer, quant_layers, quantizers, weight_quantizers  # noqa: F401
 from .quantizers import QuantAct, WeightQuantizer
 from .summary import PrepareSummary
 
 _GRID = 100                      # MSE grid-search candidates, as the paper's range estimation
 _MAX_ACT_SAMPLES = 1 << 16       # activation values kept per quantizer for the MSE search
-
-
-def quant_layers(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _QuantLayer)]
-
-
-def weight_quantizers(model: nn.Module) -> list[WeightQuantizer]:
-    return [m for m in model.modules() if isinstance(m, WeightQuantizer)]
-
-
-def quantizers(model: nn.Module) -> list[nn.Module]:
-    """Every WeightQuantizer and QuantAct of `model`, in module order."""
-    return [m for m in model.modules() if isinstance(m, (WeightQuantizer, QuantAct))]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import state_check, step_hook, weight_check
+from .step_hook import NonFiniteError  # noqa: F401 (oscqat.NonFiniteError; raised here too)
 from .config import check_bits, check_scale_min
 from .ops import CHANGED_IN_OP, NONFINITE_IN_OP, ActQuantFn, checks_in_op, fusable, native_weight_op, quantize_weight
 from .reference import UNINIT, decode_flags
@@ -47,10 +48,6 @@ def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
     costs a fraction of isfinite(t).all() (bench/results/cpu/docstring_numbers.md, `quantizers-nonfinite-sum`)."""
     sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors])
     return (~torch.isfinite(sums.sum())).to(torch.int32)
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinite value entered a quantizer; the message names the layer and what was non-finite."""
 
 
 class _Checked(nn.Module):

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from .distributed import prepared
-from .layers import is_depthwise
+from .layers import is_depthwise, quant_layers, quantizers
 from .ops import at_floor
-from .prepare import quant_layers, quantizers
 
 OSC_THRESHOLD = 0.005
 

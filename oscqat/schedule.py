@@ -10,7 +10,7 @@ from . import step_hook, weight_check
 from .config import QATConfig
 from .distributed import prepared, prepared_config
 from .ops import at_floor
-from .prepare import quant_layers, quantizers, weight_quantizers
+from .layers import quant_layers, quantizers, weight_quantizers
 
 
 def arm_tracking(model: nn.Module) -> None:

@@ -23,6 +23,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import weight_check
 
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinite value entered a quantizer; the message names the layer and what was non-finite."""
+
+
 _QUANTIZERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()     # WeightQuantizer and QuantAct
 _LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()         # QuantConv1d/2d, QuantLinear
 _STEPPED_SCALES: dict[int, weakref.ref] = {}     # id -> weakref (tensors compare elementwise, not by identity)
@@ -166,7 +171,6 @@ def _check_flags(owned: _Owned) -> None:
 def _raise_if_flagged(flags: torch.Tensor, quantizers) -> None:
     if not bool(flags.any()):
         return
-    from .quantizers import NonFiniteError
     index = int(flags.nonzero()[0, 0])
     first = quantizers[index]
     if int(flags[index]) == weight_check.WEIGHT_CHANGED:

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from .distributed import prepared
-from .layers import _QuantLayer
+from .layers import _QuantLayer, weight_quantizers
 from .reference import UNINIT
-from .prepare import weight_quantizers
 
 SCHEDULES = ("cosine", "linear", "step")
 RULES = ("multiplicative", "additive")

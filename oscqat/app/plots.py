@@ -11,7 +11,8 @@ from torch import nn
 
 import oscqat
 
-from .train import is_depthwise, quant_layers
+quant_layers = oscqat.quant_layers
+is_depthwise = oscqat.is_depthwise
 
 
 def _plt():

