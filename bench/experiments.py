@@ -59,7 +59,7 @@ METHODS = {
 DEFAULTS = dict(steps=1500, batch_size=32, lr=0.01, weight_decay=2.5e-5, scale_lr=1e-4, momentum=0.01,
                 warmup=0.25, bn_batches=50, bn_batch_size=128, kl_batches=20, kl_batch_size=256, record_last=300,
                 ema_decay=0.995, qc_batches=100, bn_momentum=None, tr_start=2e-3, tr_end=2e-5,
-                lr_schedule="cosine", dw_spread=None)
+                lr_schedule="cosine", dw_spread=None, bn_noise_seeds=())
 
 # Priority plans (the order runs are done in). (model, setting, method, seeds)
 _LITE = [(st, m) for st in ("W4A4", "W3A32") for m in ("lsq", "dampen-cos", "freeze-cos")]
@@ -68,6 +68,9 @@ PLANS = {
     # every cell first; "lite-b" takes the same runs from the other end, for a second process
     "lite": [("efficientnet-lite0", st, m, (sd,)) for sd in (0, 1, 2) for st, m in _LITE],
     "lite-b": [("efficientnet-lite0", st, m, (sd,)) for sd in (2, 1, 0) for st, m in reversed(_LITE)],
+    # the run whose BN re-estimation lowered accuracy most, again, with re-estimations from 3 other batch draws
+    "lite-bnnoise": [("efficientnet-lite0", "W4A4", "dampen-cos", (2,), {"bn_noise_seeds": (101, 202, 303)},
+                      "bnnoise")],
     # the same net under a constant LR, where the from-scratch study found the paper's effects (oscillations last)
     "lite-constlr": [("efficientnet-lite0", "W4A4", m, (sd,), {"lr_schedule": "constant"}, "constlr")
                      for sd in (0, 1) for m in ("lsq", "freeze-cos", "dampen-cos")],
@@ -414,12 +417,19 @@ def run_one(model_name: str, setting: str, method: str, seed: int, cfg: dict | N
     bn_model = copy.deepcopy(model)
     oscqat.reestimate_bn(bn_model, bn_data, num_batches=c["bn_batches"])
     acc_post = evaluate(bn_model, test)
+    noise = {}
+    for s in c["bn_noise_seeds"]:   # the BN re-estimation's own noise: other training batches, 50 and 200 of them
+        for nb in (c["bn_batches"], 4 * c["bn_batches"]):
+            m = copy.deepcopy(model)
+            oscqat.reestimate_bn(m, Batches(ds.train_x, ds.train_y, c["bn_batch_size"], shuffle=True, seed=s,
+                                            max_batches=nb), num_batches=nb)
+            noise[f"seed{s}_batches{nb}"] = evaluate(m, test)
     res = {"model": model_name, "setting": setting, "method": method, "seed": seed, "tag": tag, **fp,
            "acc_pre_bn": acc_pre, "acc_post_bn": acc_post, "osc_pct": rep["osc_pct"],
            "osc_unfrozen_pct": rep["osc_unfrozen_pct"], "frozen_pct": rep["frozen_pct"], "mean_freq": rep["mean_freq"],
            "steps": step, "epochs_seen": step * c["batch_size"] / len(ds.train_y), "config": c,
            "qat_config": {k: v for k, v in vars(config).items() if k != "extra"},
-           "bn_kl": kl, "grid_hist": grid, "layers": layers, "history": hist}
+           "bn_kl": kl, "grid_hist": grid, "layers": layers, "history": hist, "acc_post_bn_noise": noise}
     if ema is not None:                                   # EMA (+ QC), Gupta & Asthana: same LSQ trajectory
         em = copy.deepcopy(ema.model)
         res["ema_pre_bn"] = evaluate(em, test)
