@@ -926,6 +926,16 @@ def pretrained_tables(runs, model="efficientnet-lite0") -> list[str]:
                       f"{ms([kind_kl(r, 'pointwise') for r in rs], '{:.3f}')}")
             L.append(f"| {st} | {meth} | {ms(pre)} | {ms(post)} | {ms([b - a for a, b in zip(pre, post)])} | "
                      f"{ms(dpre) if dpre else '–'} | {ms(dpost) if dpost else '–'} | {osc} | {kl} | {len(rs)} |")
+    for r in [r for r in load_runs_all() if r["model"] == model and r.get("acc_post_bn_noise")]:
+        noise = r["acc_post_bn_noise"]
+        by_n = {}
+        for k, v in noise.items():
+            by_n.setdefault(int(k.split("batches")[1]), []).append(v)
+        L += ["", f"BN re-estimation's own noise ({r['setting']} {r['method']} seed {r['seed']}, tag {r['tag']}): the "
+              f"same trained model, pre-BN {r['acc_pre_bn']:.2f} %, post-BN {r['acc_post_bn']:.2f} % with the "
+              f"protocol's batches; with other draws of training batches: "
+              + "; ".join(f"{n} x {r['config']['bn_batch_size']} images: "
+                          + ", ".join(f"{v:.2f}" for v in vs) + f" % ({ms(vs)})" for n, vs in sorted(by_n.items()))]
     L += ["", "Paired Δ: the method's accuracy minus LSQ's on the same seed (same calibration batches and batch "
           "order), mean ± std over seeds. ema+qc: the LSQ runs' EMA model (pre-BN: before re-estimation; post-BN: "
           "after re-estimation and quantization correction), paired with the same LSQ run."]
