@@ -1,4 +1,5 @@
-"""oscqat: oscillation-aware quantization-aware training. `kernels/` installs as `oscqat.kernels`.
+"""oscqat: oscillation-aware quantization-aware training. `kernels/` installs as `oscqat.kernels`
+(the triton backend: `oscqat.kernels.triton`).
 
 The C++/CUDA extension `oscqat._C` (csrc/) is built whenever torch is importable at build time (build with
 `pip install --no-build-isolation -e .` so that the installed torch is used): CPU kernels always, CUDA kernels
@@ -146,7 +147,8 @@ setup(
     name="oscqat",
     version="0.1.0",
     description="Oscillation-aware quantization-aware training with fused kernels",
-    packages=["oscqat", "oscqat.app", "oscqat.kernels"],
+    packages=["oscqat", "oscqat.ops", "oscqat.nn", "oscqat.training", "oscqat.export", "oscqat.app",
+              "oscqat.kernels", "oscqat.kernels.triton"],
     package_data={"oscqat.app": ["checkpoints/*.pt", "checkpoints/*.json", "checkpoints/*.md"]},
     package_dir={"oscqat": "oscqat", "oscqat.kernels": "kernels"},
     python_requires=">=3.10",

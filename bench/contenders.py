@@ -17,8 +17,8 @@ import time
 import torch
 from torch import nn
 
-from oscqat import backend as _backend
-from oscqat import reference as ref
+from oscqat.ops import backends as _backend
+from oscqat.ops import reference as ref
 
 OSCQAT_BACKENDS = ("torch", "triton", "cuda", "cpp")
 REF = "reference-eager"

@@ -68,8 +68,8 @@ def measure(model: nn.Module, steps: int, batch: int, rank: int, qat: bool) -> d
         if sched is not None:
             sched.step()
     dt = (time.time() - t0) / steps
-    names = oscqat.distributed.ddp_broadcast_names(ddp)
-    state = set(oscqat.distributed.state_buffer_names(model))
+    names = oscqat.training.distributed.ddp_broadcast_names(ddp)
+    state = set(oscqat.nn.wrappers.state_buffer_names(model))
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {"broadcast_bytes_per_step": sum(bcast) / steps, "allreduce_bytes_per_step": sum(grads) / steps,
             "total_bytes_per_step": (sum(bcast) + sum(grads)) / steps, "buffers_broadcast": len(names),

@@ -41,7 +41,10 @@ sys.path.insert(0, str(ROOT))
 import oscqat  # noqa: E402
 from oscqat.app import models as M  # noqa: E402
 from oscqat.app.data import Batches, load_dataset  # noqa: E402
-from oscqat.app.train import build_model, evaluate, pick_depthwise  # noqa: E402
+from oscqat.app.checkpoint import load_fp as load_fp_checkpoint  # noqa: E402
+from oscqat.app.common import evaluate  # noqa: E402
+from oscqat.app.models import build_model  # noqa: E402
+from oscqat.app.qat_stage import pick_depthwise  # noqa: E402
 from oscqat.app.optim import qat_optimizers  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "experiments"
@@ -179,14 +182,6 @@ def run_path(model_name, setting, method, seed, tag="") -> Path:
     return RUNS / f"{model_name}_{setting}_{method}{tag}_seed{seed}.json"
 
 
-def make_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """The app's built-in models, plus the weights-per-channel study variants of small_mobilenet."""
-    if name in M.STUDY_VARIANTS:
-        k, g = M.STUDY_VARIANTS[name]
-        return M.small_mobilenet(num_classes, in_channels, dw_kernel=k, dw_group_width=g)
-    return build_model(name, num_classes, in_channels)
-
-
 @torch.no_grad()
 def spread_depthwise(model: nn.Module, spread: float, seed: int = 1234) -> None:
     """Function-preserving re-parametrisation for the range-spread study: multiply each output channel c of every
@@ -215,10 +210,10 @@ def load_fp(model_name: str, ds) -> tuple[nn.Module, dict]:
     path = M.fp_checkpoint(model_name, "fashion-mnist")
     if path is None:
         raise FileNotFoundError(f"no committed FP checkpoint for {model_name}; run bench/train_fp.py first")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_fp_checkpoint(path)
     if ck.get("fp_epochs", 0) < ck.get("epochs_planned", 0):   # train_fp.py saves after every epoch
         raise RuntimeError(f"{path}: training still in progress (epoch {ck['fp_epochs']} of {ck['epochs_planned']})")
-    model = make_model(model_name, ds.num_classes, ds.in_channels)
+    model = build_model(model_name, ds.num_classes, ds.in_channels)
     model.load_state_dict(ck["model"])
     return model, {"fp_acc": ck["fp_acc"], "fp_checkpoint": str(path.relative_to(ROOT)), "fp_epochs": ck["fp_epochs"]}
 
@@ -301,7 +296,7 @@ def grid_distance(model: nn.Module, bins: int = 40) -> dict:
 
 
 def _quant_layers(model):
-    from oscqat.prepare import quant_layers
+    from oscqat.nn.prepare import quant_layers
     return quant_layers(model)
 
 

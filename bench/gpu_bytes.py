@@ -1,5 +1,5 @@
 """Bytes per element of each Triton kernel, derived from its compiled PTX (sm_90, no GPU needed), against the
-documented bytes model (kernels/__init__.py); then a GPU roofline ESTIMATE of the MobileNetV2 weight-set step and
+documented bytes model (kernels/triton/backend.py); then a GPU roofline ESTIMATE of the MobileNetV2 weight-set step and
 of a W4A4 training step's quantization work, with the kernel launches per step counted from the launch code.
 
     python bench/gpu_bytes.py [--markdown bench/results/gpu/bytes.md]   (runs with TRITON_INTERPRET unset)
@@ -22,7 +22,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from oscqat.kernels import aot  # noqa: E402
+from oscqat.kernels.triton import aot  # noqa: E402
 
 HBM = 3.35e12
 LAUNCH_US = 4.0

@@ -755,7 +755,7 @@ def _verify_build_main(argv) -> int:
     import torch
     info: dict = dict(arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"), max_jobs=os.environ.get("MAX_JOBS"))
     import oscqat
-    from oscqat import backend, cpp_backend  # noqa: F401  (loads oscqat._C where it was built)
+    from oscqat.ops import backends as backend, cpp as cpp_backend  # noqa: F401  (loads oscqat._C where it was built)
     so = sorted(glob.glob(os.path.join(os.path.dirname(oscqat.__file__), "_C*.so")))
     info["so"] = so[0] if so else None
     try:
@@ -789,9 +789,9 @@ def _verify_build_main(argv) -> int:
 
 def _parity_cases():
     """Every case whose kernels tests/test_triton_parity.py can compile on a GPU: the generated cases'
-    shapes x channels x dtypes x dampening (tests/parity.py's strategies), the examples, the many-program cases
+    shapes x channels x dtypes x dampening (tests/helpers/parity.py's strategies), the examples, the many-program cases
     with small tiles, the GPU-only cases, and the benchmark's kernel rows. (kind, args, small_tiles)."""
-    import parity as P
+    from helpers import parity as P
     shapes = list(getattr(P.SHAPES, "elements", None) or [(1,), (7,), (3, 5), (8, 1, 3, 3), (16, 1, 3, 3),
                                                           (5, 7, 1, 1), (33, 65), (4, 3, 3, 3), (1, 1000),
                                                           (129, 17), (2, 4099)])
@@ -822,11 +822,11 @@ def _parity_cases():
 
 
 def _import_kernels():
-    """oscqat.kernels, also from a tree that is not installed yet (the build runs at the same time): kernels/ is
-    installed as oscqat.kernels."""
+    """oscqat.kernels.triton.backend, also from a tree that is not installed yet (the build runs at the same time):
+    kernels/ is installed as oscqat.kernels. Puts tests/ on sys.path (tests/helpers/parity.py)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     try:
-        import oscqat.kernels as K
+        from oscqat.kernels.triton import backend as K
         return K
     except ImportError:
         pass
@@ -840,13 +840,14 @@ def _import_kernels():
     mod = importlib.util.module_from_spec(spec)
     sys.modules["oscqat.kernels"] = mod
     spec.loader.exec_module(mod)
-    return mod
+    from oscqat.kernels.triton import backend as K
+    return K
 
 
 def _warm_triton_main(argv) -> int:
     """Compile the triton kernels of every parity case into Triton's cache, --jobs processes at once (each
     compile is a few tenths of a second; the tests would do ~400 of them one after the other). Each case runs
-    tests/parity.py's check on the GPU, so the launches are exactly the tests'; a case that raises is counted
+    tests/helpers/parity.py's check on the GPU, so the launches are exactly the tests'; a case that raises is counted
     (the parity stages report it). --dry-run: one worker, 2 cases on the CPU in the interpreter."""
     ap = argparse.ArgumentParser(prog="gpu_check.py _warm-triton")
     ap.add_argument("--jobs", type=int, default=4)
@@ -880,7 +881,7 @@ def _warm_triton_main(argv) -> int:
         os.environ["TRITON_INTERPRET"] = "1"        # before triton is imported
     import torch
     K = _import_kernels()
-    import parity as P
+    from helpers import parity as P
     cases = _parity_cases()
     i, n = map(int, a.worker.split("/"))
     mine = cases[i::n] if not a.dry_run else [cases[0], next(c for c in cases if c[0] == "a")]

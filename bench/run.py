@@ -31,7 +31,7 @@ OP_TEXT = {"weight_fwd_track": "weight fwd, tracked + freeze + D", "weight_bwd":
            "e2e_train_step": "training step", "copy_bw": "copy bandwidth"}
 NOTES = {C.ATEN: "LSQ fake-quant only: no tracking, freezing or dampening (less work than the others)",
          C.REF: "our re-implementation of the published reference code's per-step work",
-         C.COMPILED: "torch.compile (inductor, dynamic shapes) of oscqat.reference's raw ops, no autograd",
+         C.COMPILED: "torch.compile (inductor, dynamic shapes) of oscqat.ops.reference's raw ops, no autograd",
          C.CPP_OP: "the C++ op called directly (torch.ops.oscqat_C), no autograd: the unit of work of the compile "
                    "contender",
          C.batched("oscqat-cpp"): "the quantizers through oscqat.quantize_weights (QATConfig.batch_weights): one "
@@ -480,7 +480,7 @@ def markdown(meta, records, tgts) -> str:
              f"dampening upstream gradient {s['dampening_lambda']}. Times are medians (p25–p75 in the JSON).\n")
     L.append("Contenders: `reference-eager` = our re-implementation of the published reference code's per-step work "
              "(not their code); `aten-lsq` = `torch._fake_quantize_learnable_per_tensor_affine`, LSQ only, **no "
-             "tracking/freezing/dampening**; `torch.compile(torch-backend)` = inductor on oscqat.reference's raw ops. "
+             "tracking/freezing/dampening**; `torch.compile(torch-backend)` = inductor on oscqat.ops.reference's raw ops. "
              "Speedup = contender time / time of the fastest oscqat backend (>1: oscqat faster).\n")
 
     # kernels pivot

@@ -13,9 +13,9 @@ from torch import nn
 
 import oscqat
 from oscqat.app import models
-from oscqat.ops import ActQuantFn, quantize_weight
-from oscqat.prepare import weight_scale
-from oscqat.quantizers import WeightQuantizer
+from oscqat.ops.library import ActQuantFn, quantize_weight
+from oscqat.nn.prepare import weight_scale
+from oscqat.nn.quantizers import WeightQuantizer
 
 import contenders as C
 

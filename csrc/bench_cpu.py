@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from oscqat import cpp_backend, reference
+from oscqat.ops import cpp as cpp_backend, reference
 from oscqat.app.models import mobilenet_v2
 
 

@@ -1,6 +1,6 @@
 // The flag encoding (docs/semantics.md, "The flag encoding"): the one decoding of the per-weight int8 `flags` for
 // the C++ and CUDA kernels, included by csrc/cpu/cores.h and csrc/cuda/quant_kernels.cuh (the reference's is
-// oscqat.reference.decode_flags, Triton's kernels/_triton.py `_decode_flags`).
+// oscqat.ops.reference.decode_flags, Triton's kernels/triton/kernels.py `_decode_flags`).
 //   flags = last_dir + 4 * fz, or -128 = not yet initialised. Every int8 value decodes: only -128 is
 //   uninitialised; below -1, fz = last_dir = 0 (initialised, as 0); from -1 on, fz = (f + 1) >> 2 and
 //   last_dir = f - 4 * fz.

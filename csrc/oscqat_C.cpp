@@ -1,6 +1,6 @@
 // oscqat._C: the op schemas of oscqat's contract (docs/semantics.md), defined once for every device.
 // CPU kernels: csrc/cpu/quant_cpu.cpp (TORCH_LIBRARY_IMPL CPU); CUDA kernels: csrc/cuda/quant_cuda.cu
-// (TORCH_LIBRARY_IMPL CUDA, only when built with CUDA). Fake (meta) implementations: oscqat/cpp_backend.py.
+// (TORCH_LIBRARY_IMPL CUDA, only when built with CUDA). Fake (meta) implementations: oscqat/ops/fakes.py.
 // Loading the module (`import oscqat._C`) registers everything; it exposes no Python functions itself.
 #include <Python.h>
 

@@ -1,5 +1,5 @@
 // oscqat_C::weight_quant: the weight quantizer's forward and backward as one differentiable op, the C++ twin of
-// oscqat.ops.WeightQuantFn, for eager mode on the cpp and cuda backends. It calls the same ops (weight_fwd_track
+// oscqat.ops.library.WeightQuantFn, for eager mode on the cpp and cuda backends. It calls the same ops (weight_fwd_track
 // or weight_fwd, then weight_bwd) through the dispatcher, so its values are theirs bit for bit. What it saves
 // is the Python around them: WeightQuantFn's forward and its backward node cost ~80 us per layer and step on
 // CPU, as much as the kernels of a 100K-weight layer (MobileNetV2's weight set: 53 layers, 4.3 of 18 ms).
@@ -121,7 +121,7 @@ class WeightQuant : public torch::autograd::Function<WeightQuant> {
   }
 };
 
-// check_weight's answer as an error; `layer` >= 0 names the layer of a list. oscqat/quantizers.py turns the two
+// check_weight's answer as an error; `layer` >= 0 names the layer of a list. oscqat/nn/quantizers.py turns the two
 // messages into NonFiniteError and WeightChangedError with the layer's name.
 void raise_check_failure(int64_t bad, int64_t layer) {
   const std::string where = layer >= 0 ? " [layer " + std::to_string(layer) + "]" : "";

@@ -1,4 +1,5 @@
-"""oscqat: oscillation-aware quantization-aware training. Semantics: docs/semantics.md.
+"""oscqat: oscillation-aware quantization-aware training. Semantics: docs/semantics.md; where the code is:
+docs/code-map.md (rooms: ops/ the op contract and backends, nn/ the modules and prepare, training/, export/).
 
     model = oscqat.prepare(model, oscqat.QATConfig(weight_bits=4, act_bits=4), calib_data=batches)
     sched = oscqat.QATSchedule(model, total_steps)
@@ -6,26 +7,29 @@
     oscqat.reestimate_bn(model, batches)
 """
 from . import ops  # registers the torch.library ops
-from .backend import BackendUnavailable, get_backend, set_backend, use_backend
-from .bn import reestimate_bn
-from .config import METHODS, QATConfig
-from .convert import FixedQuantAct, IntConv1d, IntConv2d, IntLinear, convert
-from .correction import quantization_correction
-from .dampening import dampening_loss
-from .distributed import StateConsistencyCheck, broadcast_state, exclude_state_from_ddp, unwrap
-from .ema import QATModelEMA
-from .export import (compare_onnxruntime, encodings, export_encodings, export_onnx, export_program, export_pt2,
-                     onnx_weight_ints)
-from .fold import fold_bn
-from .layers import QuantConv1d, QuantConv2d, QuantLinear, is_depthwise
-from .prepare import prepare, quant_layers, quantizers, weight_quantizers
-from .quantizers import NonFiniteError, QuantAct, WeightQuantizer, quantize_weights
-from .report import format_report, oscillation_report
-from .schedule import QATSchedule, arm_tracking, scales_at_floor
-from .state_check import InvalidStateError
-from .summary import PrepareSummary
-from .transition import TransitionRateSchedule
-from .weight_check import WeightChangedError
+from .errors import BackendUnavailable, InvalidStateError, NonFiniteError, WeightChangedError
+from .ops.backends import get_backend, set_backend, use_backend
+# the modules and prepare
+from .nn.config import METHODS, QATConfig
+from .nn.fold import fold_bn
+from .nn.layers import QuantConv1d, QuantConv2d, QuantLinear, is_depthwise
+from .nn.prepare import prepare, quant_layers, quantizers, weight_quantizers
+from .nn.quantizers import QuantAct, WeightQuantizer, quantize_weights
+from .nn.summary import PrepareSummary
+from .nn.wrappers import exclude_state_from_ddp, unwrap
+# training-time machinery
+from .training.bn import reestimate_bn
+from .training.correction import quantization_correction
+from .training.dampening import dampening_loss
+from .training.distributed import StateConsistencyCheck, broadcast_state
+from .training.ema import QATModelEMA
+from .training.report import format_report, oscillation_report
+from .training.schedule import QATSchedule, arm_tracking, scales_at_floor
+from .training.transition import TransitionRateSchedule
+# conversion and export
+from .export.convert import FixedQuantAct, IntConv1d, IntConv2d, IntLinear, convert
+from .export.formats import (compare_onnxruntime, encodings, export_encodings, export_onnx, export_program,
+                             export_pt2, onnx_weight_ints)
 
 __all__ = ["BackendUnavailable", "METHODS", "NonFiniteError", "PrepareSummary", "QATConfig", "QATModelEMA", "QATSchedule",
            "QuantAct", "QuantConv1d", "QuantConv2d", "QuantLinear", "TransitionRateSchedule", "WeightChangedError",

@@ -1,21 +1,24 @@
 """Mutation run: do the fast semantic tests fail when the code that implements docs/semantics.md is changed?
 
-    OMP_NUM_THREADS=1 python tests/mutation.py [--files reference.py,ops.py] [--timeout 60] [--json PATH]
+    OMP_NUM_THREADS=1 python tests/mutation.py [--files ops/reference.py,ops/library.py] [--timeout 60] [--json PATH]
 
 Not collected by pytest (the name does not start with test_). Results of the last run and the explanation of
 every survivor: tests/mutation_results.md.
 
-How: the package is copied to a temporary directory; each mutant is one AST change (operator swap, comparison
+How: the package (oscqat/, with kernels/ as oscqat/kernels/, as it is installed) and tests/ are copied to a
+temporary directory; each mutant is one AST change (operator swap, comparison
 boundary, constant +-1 / x0.5, round -> floor and similar, swapped call arguments, a deleted statement) written
 into the copy, never into the working tree. A parent process imports torch and pytest once and forks one child
-per mutant, which imports `oscqat` from the copy (checked through `oscqat.__file__`) and runs the tests with -x
-(for reference.py on the `torch` backend only: the C++ parametrisations test another implementation). A mutant
-is killed when a test fails, the import fails, or it exceeds the per-mutant timeout.
+per mutant, which imports `oscqat` and `oscqat.kernels` from the copy (checked through their `__file__`) and
+runs the tests with -x: the file's own tests (EXTRA_TESTS) first, then the rules tests (TESTS); for
+ops/reference.py on the `torch` backend only (the cpp and triton parametrisations test another implementation
+against it). A mutant is killed when a test fails, the import fails, or it exceeds the per-mutant timeout.
 
-Scope: the functions that implement the semantics' rules, listed in SCOPE (None: the whole file). Left out:
-argument validation and error messages (`raise` statements, f-strings), the `register_fake` shape functions
-(exercised only by torch.compile), state-dict plumbing; tests/test_layers.py and tests/test_robustness.py cover
-those and are too slow to run per mutant.
+Scope: the functions that implement the semantics' rules, listed in SCOPE (keys: paths under oscqat/; None: the
+whole file). Left out: argument validation and error messages (`raise` statements, f-strings), the fake/meta
+shape functions (ops/fakes.py and the `fakes.register` call of ops/library.py, exercised only by torch.compile),
+the compiled-only paths, state-dict plumbing; tests/test_layers.py and tests/test_robustness.py cover those and
+are too slow to run per mutant.
 """
 from __future__ import annotations
 
@@ -33,28 +36,48 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rules_reference.py", "tests/test_rules_modules.py", "tests/test_semantics.py"]
-EXTRA_TESTS = {"transition.py": ["tests/test_transition.py"]}
-# mutants of the reference kernels are tested on the `torch` backend only (the C++ parametrisations test another
-# implementation); the wiring in ops.py and quantizers.py has a path per backend, so both run there
-TORCH_ONLY = {"reference.py"}
+# run before TESTS for that file's mutants: the fast tests that pin the rules its code implements
+_WEIGHT_CHANGED = "tests/test_detection.py::test_a_weight_changed_behind_the_quantizers_back_is_an_error"
+EXTRA_TESTS = {
+    # decode_flags / uninitialised, all 256 values (the file's other test runs the other backends against this one)
+    "ops/reference.py": ["tests/test_flag_encoding.py::test_reference_decodes_every_value_by_the_rule"],
+    # WeightQuantFn's C++ branch: eager modules use the C++ autograd op instead, so only these reach it
+    "ops/library.py": [f"tests/test_cpp_parity.py::{t}" for t in (
+        "test_weight_quant_fn_on_the_cpp_ops_catches_state_mutated_before_backward",
+        "test_custom_ops_run_the_cpp_kernels", "test_weight_quant_op_matches_the_python_function")],
+    "nn/quantizers.py": [_WEIGHT_CHANGED],
+    "nn/state_check.py": ["tests/test_checkpoint_validation.py"],
+    "nn/batchnorm.py": ["tests/test_fold_rules.py"],
+    "training/schedule.py": [_WEIGHT_CHANGED],
+    "training/transition.py": ["tests/test_transition.py"],
+}
+# mutants of the reference kernels are tested on the `torch` backend only (the cpp and triton parametrisations
+# test another implementation against the mutant); the wiring in ops/library.py and nn/quantizers.py has a path
+# per backend, so both run there
+TORCH_ONLY = {"ops/reference.py"}
+TORCH_ONLY_K = "not cpp and not triton"
 SCOPE = {
-    "reference.py": None,
-    "ops.py": {"<module>", "_impl", "_floor", "weight_quant", "weight_quant_track", "weight_quant_bwd",
-               "WeightQuantFn.forward", "WeightQuantFn.backward", "act_quant", "act_quant_bwd", "ActQuantFn.forward",
-               "ActQuantFn.backward"},
-    "quantizers.py": {"<module>", "_Checked.arm",
-                      "_Checked._first_forward", "WeightQuantizer.__init__", "WeightQuantizer.qmin",
-                      "WeightQuantizer.qmax", "WeightQuantizer.forward", "WeightQuantizer._begin",
-                      "WeightQuantizer._end", "WeightQuantizer.frozen",
-                      "WeightQuantizer.frozen_int", "WeightQuantizer.last_dir", "WeightQuantizer.int_weight",
-                      "QuantAct.__init__", "QuantAct.qmin", "QuantAct.qmax", "QuantAct.forward"},
-    "schedule.py": {"arm_tracking", "cosine_ramp", "QATSchedule.ramp", "QATSchedule.freeze_threshold",
-                    "QATSchedule.lam", "QATSchedule._apply", "QATSchedule.step", "QATSchedule.load_state_dict"},
-    "dampening.py": None,
-    "transition.py": {"<module>", "target_rate", "TransitionRateSchedule.target", "TransitionRateSchedule.last_rate",
-                      "TransitionRateSchedule.last_rates", "TransitionRateSchedule.mu", "TransitionRateSchedule.lr",
-                      "TransitionRateSchedule._update_lr", "TransitionRateSchedule.step",
-                      "TransitionRateSchedule._control", "TransitionRateSchedule._feedforward"},
+    "ops/reference.py": None,
+    "ops/library.py": {"_impl", "_bump", "_floor", "weight_fwd", "weight_fwd_track", "weight_bwd",
+                       "WeightQuantFn.forward", "WeightQuantFn.backward", "quantize_weight", "act_fwd", "act_bwd",
+                       "ActQuantFn.forward", "ActQuantFn.backward"},
+    "nn/quantizers.py": {"<module>", "_FirstForwardChecks.arm", "_FirstForwardChecks._is_first",
+                         "_FirstForwardChecks._first_forward", "WeightQuantizer.__init__", "WeightQuantizer.qmin",
+                         "WeightQuantizer.qmax", "WeightQuantizer.forward", "WeightQuantizer._begin",
+                         "WeightQuantizer._end", "WeightQuantizer.frozen",
+                         "WeightQuantizer.frozen_int", "WeightQuantizer.last_dir", "WeightQuantizer.int_weight",
+                         "QuantAct.__init__", "QuantAct.qmin", "QuantAct.qmax", "QuantAct.forward"},
+    "nn/state_check.py": None,
+    "nn/batchnorm.py": None,
+    "training/schedule.py": {"arm_tracking", "cosine_ramp", "QATSchedule.ramp", "QATSchedule.freeze_threshold",
+                             "QATSchedule.lam", "QATSchedule._apply", "QATSchedule.step",
+                             "QATSchedule.load_state_dict"},
+    "training/dampening.py": None,
+    "training/transition.py": {"<module>", "target_rate", "TransitionRateSchedule.target",
+                               "TransitionRateSchedule.last_rate", "TransitionRateSchedule.last_rates",
+                               "TransitionRateSchedule.mu", "TransitionRateSchedule.lr",
+                               "TransitionRateSchedule._update_lr", "TransitionRateSchedule.step",
+                               "TransitionRateSchedule._control", "TransitionRateSchedule._feedforward"},
 }
 
 BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
@@ -172,14 +195,14 @@ class _Unwrap(ast.NodeTransformer):
         return node.operand if node is self.target else node
 
 
-def sites(path: Path, scope):
+def sites(path: Path, scope, key: str):
     tree = ast.parse(path.read_text())
     found = []
     for idx, (node, qual) in enumerate(_walk(tree)):
         if not _in_scope(qual, scope):
             continue
         for k, (desc, _) in enumerate(_mutations(node)):
-            found.append({"file": path.name, "node": idx, "k": k, "qual": qual,
+            found.append({"file": key, "node": idx, "k": k, "qual": qual,
                           "line": getattr(node, "lineno", 0), "desc": desc})
     return tree, found
 
@@ -207,12 +230,14 @@ def run_child(pkg_root: Path, tests: list[str], log: Path, timeout: float, torch
             sys.dont_write_bytecode = True
             sys.path.insert(0, str(pkg_root))
             import oscqat
-            print(f"mutation: oscqat imported from {oscqat.__file__}", flush=True)
-            if not oscqat.__file__.startswith(str(pkg_root)):
+            import oscqat.kernels
+            print(f"mutation: oscqat imported from {oscqat.__file__}, oscqat.kernels from "
+                  f"{oscqat.kernels.__file__}", flush=True)
+            if not all(m.__file__.startswith(str(pkg_root)) for m in (oscqat, oscqat.kernels)):
                 os._exit(99)
             import pytest
             rc = pytest.main([*[str(pkg_root / t) for t in tests], "-x", "-q", "-p", "no:cacheprovider",
-                              *(["-k", "not cpp"] if torch_only else []), "--rootdir", str(pkg_root)])
+                              *(["-k", TORCH_ONLY_K] if torch_only else []), "--rootdir", str(pkg_root)])
             sys.stdout.flush()
             os._exit(int(rc))
         except BaseException:
@@ -237,7 +262,8 @@ def run_child(pkg_root: Path, tests: list[str], log: Path, timeout: float, torch
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--files", default=",".join(SCOPE), help="comma-separated files of oscqat/ to mutate")
+    ap.add_argument("--files", default=",".join(SCOPE),
+                    help="comma-separated files to mutate, paths under oscqat/ (keys of SCOPE)")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds per mutant (a timeout counts as killed)")
     ap.add_argument("--json", default="", help="write every mutant and its outcome here")
     ap.add_argument("--limit", type=int, default=0, help="only the first N mutants (a smoke run)")
@@ -253,12 +279,19 @@ def main(argv=None) -> int:
     import pytest  # noqa: F401
     import torch
     import torch._dynamo  # noqa: F401
+    try:
+        import torchvision  # noqa: F401  (tests/test_detection.py imports it; once here, not per mutant)
+    except ImportError:
+        pass
     torch.set_num_threads(1)
 
     files = [f for f in args.files.split(",") if f]
+    unknown = [f for f in files if f not in SCOPE]
+    if unknown:
+        ap.error(f"not in SCOPE: {unknown}; one of {sorted(SCOPE)}")
     all_sites, trees = [], {}
     for f in files:
-        trees[f], found = sites(ROOT / "oscqat" / f, SCOPE[f])
+        trees[f], found = sites(ROOT / "oscqat" / f, SCOPE[f], f)
         all_sites += found
     if args.only_survivors:
         keys = {(s["file"], s["node"], s["k"]) for s in json.loads(Path(args.only_survivors).read_text())
@@ -275,6 +308,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="oscqat-mutation-"))
     pkg = work / "oscqat"
     shutil.copytree(ROOT / "oscqat", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    # kernels/ is installed as oscqat.kernels (setup.py): in the copy it sits where that name resolves
+    shutil.copytree(ROOT / "kernels", pkg / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     # the tests too, as they are now: editing them during a run must not change what the run measures
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", work)
@@ -282,7 +317,8 @@ def main(argv=None) -> int:
         (pkg / f).write_text(ast.unparse(trees[f]))          # unparsed once, as every mutant is
     logs = work / "logs"
     logs.mkdir()
-    print(f"mutation: copy of oscqat/ and tests/ in {work} (the working tree is never written)", flush=True)
+    print(f"mutation: copy of oscqat/ (+ kernels/) and tests/ in {work} (the working tree is never written)",
+          flush=True)
     try:
         return _run(args, files, all_sites, trees, work, pkg, logs)
     finally:
@@ -293,7 +329,7 @@ def main(argv=None) -> int:
 def _run(args, files, all_sites, trees, work, pkg, logs) -> int:
     print(f"mutation: {len(all_sites)} mutants in {', '.join(files)}", flush=True)
 
-    base_tests = list(dict.fromkeys(TESTS + [t for f in files for t in EXTRA_TESTS.get(f, [])]))
+    base_tests = list(dict.fromkeys([t for f in files for t in EXTRA_TESTS.get(f, [])] + TESTS))
     outcome, secs = run_child(work, base_tests, logs / "baseline.log", 600, torch_only=False)
     base_log = (logs / "baseline.log").read_text().strip().splitlines()
     print(f"mutation: baseline (unmutated copy) {outcome} in {secs:.1f} s: {base_log[0]}; {base_log[-1]}", flush=True)
@@ -305,7 +341,7 @@ def _run(args, files, all_sites, trees, work, pkg, logs) -> int:
     for i, site in enumerate(all_sites):
         f = site["file"]
         (pkg / f).write_text(mutant_source(trees[f], site))
-        tests = TESTS + EXTRA_TESTS.get(f, [])
+        tests = list(dict.fromkeys(EXTRA_TESTS.get(f, []) + TESTS))
         site["outcome"], site["seconds"] = run_child(work, tests, logs / f"{i}.log", args.timeout,
                                                      torch_only=f in TORCH_ONLY)
         (pkg / f).write_text(ast.unparse(trees[f]))

@@ -1,4 +1,4 @@
-"""Loading a checkpoint validates the tracking state's values (oscqat/state_check.py, docs/semantics.md "The flag
+"""Loading a checkpoint validates the tracking state's values (oscqat/nn/state_check.py, docs/semantics.md "The flag
 encoding"): a flags value no run writes, a frozen integer off the grid or not an integer, a freq outside [0, 1] or
 NaN, a non-finite ema are refused, naming the state-dict key, the index and the value, and nothing is loaded."""
 import math
@@ -98,3 +98,49 @@ def test_partial_load_checks_against_the_quantizer_own_state():
 
 def test_error_type_is_a_value_error():
     assert issubclass(oscqat.InvalidStateError, ValueError)
+
+
+def test_the_first_offending_index_is_named_and_a_1d_index_is_a_number():
+    """With several bad values the first, in row-major order, is named; the index of a 1-D state is one number."""
+    model = _trained()
+    sd = _state(model)
+    sd["0.weight_quant.flags"][2, 3] = 6
+    sd["0.weight_quant.flags"][1, 4] = 2
+    with pytest.raises(oscqat.InvalidStateError, match=r"got 2 at index \(1, 4\)"):
+        model.load_state_dict(sd)
+    q = oscqat.WeightQuantizer((5,), 4, name="v")
+    sd = q.state_dict()
+    sd["freq"][3] = 2.0
+    with pytest.raises(oscqat.InvalidStateError, match=r"^v: refusing to load 'freq': .*, got 2.0 at index 3 \("):
+        q.load_state_dict(sd)
+
+
+def test_freq_at_the_ends_of_its_range_loads():
+    """freq is an EMA of a 0/1 indicator: 0 and 1 themselves are valid (a weight that oscillates at every tracked
+    step keeps freq = 1 exactly: fp32(om * 1) + m rounds to 1 at m = 0.5)."""
+    model = _trained()
+    sd = _state(model)
+    sd["0.weight_quant.freq"][0, 0] = 1.0
+    sd["0.weight_quant.freq"][0, 1] = 0.0
+    model.load_state_dict(sd)
+    assert model[0].weight_quant.freq[0, :2].tolist() == [1.0, 0.0]
+
+
+def test_an_untracked_quantizer_does_not_read_a_tracked_state():
+    """An 8-bit (untracked) quantizer has no state: a tracked checkpoint's state keys are unexpected keys (refused
+    by a strict load, ignored by strict=False), never read or checked."""
+    sd = {"0.weight_quant.flags": _state(_trained())["0.weight_quant.flags"]}
+    untracked = torch.nn.Sequential(oscqat.QuantLinear(6, 4, weight_bits=8, act_bits=8, name="fc"))
+    assert not untracked[0].weight_quant.tracking
+    assert untracked.load_state_dict(sd, strict=False).unexpected_keys == ["0.weight_quant.flags"]
+
+
+def test_a_model_on_the_meta_device_loads_without_checks():
+    """A model built on the meta device (materialised later) has no values to check against: a meta state dict
+    loads, and so does part of a real one (which torch copies into meta tensors as a no-op, and says so)."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(oscqat.QuantLinear(6, 4, weight_bits=4, act_bits=8, name="fc"))
+    model.load_state_dict(model.state_dict())
+    flags = _state(_trained())["0.weight_quant.flags"]
+    with pytest.warns(UserWarning, match="no-op"):
+        model.load_state_dict({"0.weight_quant.flags": flags}, strict=False)

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import oscqat
-from oscqat.correction import ChannelAffine, fold_corrections
-from training import make_opt, qat_model, train_steps
+from oscqat.training.correction import ChannelAffine, fold_corrections
+from helpers.training import make_opt, qat_model, train_steps
 
 
 def test_ema_averages_parameters_and_copies_state():

@@ -1,5 +1,5 @@
 """The `cpp` (CPU) and `cuda` backends (oscqat._C, csrc/) against the reference, with the shared parity harness
-(tests/parity.py): generated cases, determinism (run to run and across thread counts), both CPU instruction-set
+(tests/helpers/parity.py): generated cases, determinism (run to run and across thread counts), both CPU instruction-set
 builds, fake implementations, and bad input through the C++ entry points (a clear RuntimeError, never a crash).
 The 'cuda' tests skip where torch has no CUDA device or the extension was built without CUDA; without a GPU,
 csrc/check_cuda_compile.sh (CI) compiles every CUDA kernel for sm_80 and sm_90 with no spill and finds SASS for
@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oscqat import backend, cpp_backend
-from parity import (act_cases, assert_bits, check_act, check_deterministic, check_weight, make_act_case,
+from oscqat.ops import backends as backend, cpp as cpp_backend
+from helpers.parity import (act_cases, assert_bits, check_act, check_deterministic, check_weight, make_act_case,
                     make_weight_case, weight_cases)
 
 BACKENDS = [("cpp", "cpu"), ("cuda", "cuda")]
@@ -195,7 +195,7 @@ def test_baseline_isa_build_gives_the_same_bits():
         import sys, torch
         sys.path.insert(0, sys.argv[1])
         import test_cpp_parity as t
-        from parity import check_act, check_weight, make_act_case, make_weight_case
+        from helpers.parity import check_act, check_weight, make_act_case, make_weight_case
         for seed, (shape, ch) in enumerate([((33, 65), 33), ((2, 4099), 1), ((96, 64, 3, 3), 96)]):
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for special in ("normal", "ties"):
@@ -249,7 +249,7 @@ def test_custom_ops_run_the_cpp_kernels():
         w = c["w"].clone().requires_grad_()
         s = c["scale"].clone().requires_grad_()
         st_ = {k: c[k].clone() for k in ("prev_int", "flags", "freq", "ema")}
-        from oscqat.ops import WeightQuantFn
+        from oscqat.ops.library import WeightQuantFn
         w_hat, d, counts = WeightQuantFn.apply(w, s, st_["flags"], st_["ema"], (st_["prev_int"], st_["freq"]),
                                                c["f_th"], c["n"], c["p"], 0.01, True, c["damp_div"],
                                                c["grad_scale"], name)
@@ -283,7 +283,7 @@ def test_weight_quant_op_matches_the_python_function(name, device, mode, data):
     gradients of w and of the scale (with dampening, without, and with only one of the two outputs used), and
     the scale floor."""
     _require(name, device)
-    from oscqat.ops import WeightQuantFn, quantize_weight
+    from oscqat.ops.library import WeightQuantFn, quantize_weight
     c = make_weight_case(**data.draw(weight_cases(device=device)))
     damp = data.draw(st.booleans())
     s_min = data.draw(st.sampled_from([None, 1e-6, 0.05]))
@@ -302,7 +302,7 @@ def test_weight_quant_op_catches_state_mutated_before_backward():
     """The tracked forward mutates the state it saved; a second tracked forward before the first one's backward
     makes that backward fail, as with WeightQuantFn (the op bumps the state's version counters)."""
     _require("cpp", "cpu")
-    from oscqat.ops import quantize_weight
+    from oscqat.ops.library import quantize_weight
     c = make_weight_case(1, (8, 3, 3, 3), 8, 4, torch.float32, device="cpu")
     w = c["w"].clone().requires_grad_()
     st_ = (c["prev_int"].clone(), c["flags"].clone(), c["freq"].clone(), c["ema"].clone())
@@ -314,6 +314,23 @@ def test_weight_quant_op_catches_state_mutated_before_backward():
         w_hat.sum().backward()
 
 
+def test_weight_quant_fn_on_the_cpp_ops_catches_state_mutated_before_backward():
+    """The same through WeightQuantFn on the cpp ops (its path under torch.compile, and wherever it is called
+    directly): after the C++ kernel mutated the state in place the Function bumps the state's version counters
+    (ops/library.py, `_bump`), as a custom op's mutates_args does, so the earlier backward fails."""
+    _require("cpp", "cpu")
+    from oscqat.ops.library import WeightQuantFn
+    c = make_weight_case(1, (8, 3, 3, 3), 8, 4, torch.float32, device="cpu")
+    w = c["w"].clone().requires_grad_()
+    st_ = (c["prev_int"].clone(), c["flags"].clone(), c["freq"].clone(), c["ema"].clone())
+    args = (c["f_th"], c["n"], c["p"], 0.01, True, c["damp_div"], c["grad_scale"], "cpp")
+    w_hat, _, _ = WeightQuantFn.apply(w, c["scale"], st_[1], st_[3], (st_[0], st_[2]), *args)
+    assert "WeightQuantFn" in w_hat.grad_fn.name()
+    WeightQuantFn.apply(w, c["scale"], st_[1], st_[3], (st_[0], st_[2]), *args)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        w_hat.sum().backward()
+
+
 @settings(FAST, max_examples=80)
 @given(data=st.data())
 def test_check_weight_op_agrees_with_the_python_checks(data):
@@ -321,7 +338,7 @@ def test_check_weight_op_agrees_with_the_python_checks(data):
     torch.isfinite and weight_check.checksum, on big tensors too (several threads' share), with NaN, +-Inf, the
     largest finite values and subnormals planted anywhere."""
     _require("cpp", "cpu")
-    from oscqat import weight_check
+    from oscqat.nn import weight_check
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     numel = data.draw(st.sampled_from([1, 7, 1000, 70_001, 300_000]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31 - 1)))
@@ -360,7 +377,7 @@ def test_weight_quantizer_checks_in_the_op_before_writing_state(bad):
     written, the error names the layer, and the quantizer stays armed, so a retried forward is checked again."""
     _require("cpp", "cpu")
     import oscqat
-    from oscqat import weight_check
+    from oscqat.nn import weight_check
     q = oscqat.WeightQuantizer((6, 5), 4, track=True, dampen=True, freeze=True, name="blk.weight").train()
     w = torch.randn(6, 5, requires_grad=True)
     with oscqat.use_backend("cpp"):

@@ -1,5 +1,5 @@
 """The CPU speed paths: the three instruction-set builds of the C++ cores (AVX-512, AVX2, baseline; chosen at run
-time) give the same bits, and the library path that calls the C++ ops directly (oscqat/ops.py) behaves as the
+time) give the same bits, and the library path that calls the C++ ops directly (oscqat/ops/library.py) behaves as the
 torch.library custom ops did: same results, and a state mutation between a forward and its backward is caught."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import oscqat
-from oscqat import backend
-from oscqat.quantizers import WeightQuantizer
-from parity import assert_bits
+from oscqat.ops import backends as backend
+from oscqat.nn.quantizers import WeightQuantizer
+from helpers.parity import assert_bits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,9 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[1])
-    from parity import make_act_case, make_weight_case
-    from oscqat import cpp_backend as cb
-    from oscqat.weight_check import checksum
+    from helpers.parity import make_act_case, make_weight_case
+    from oscqat.ops import cpp as cb
+    from oscqat.nn.weight_check import checksum
     check = torch.ops.oscqat_C.check_weight
     torch.set_num_threads(int(sys.argv[3]))
     out = []

@@ -144,7 +144,7 @@ def _ddp_worker(rank, tmp):
         ref_model = copy.deepcopy(model)
         ddp = nn.parallel.DistributedDataParallel(model)
         # DDP broadcasts only BatchNorm's buffers, none of oscqat's
-        names = oscqat.distributed.ddp_broadcast_names(ddp)
+        names = oscqat.training.distributed.ddp_broadcast_names(ddp)
         assert names and all(n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
                              for n in names), names
         sent = []
@@ -259,6 +259,7 @@ def _entry_points_worker(rank, tmp):
         differ = torch.tensor([int(not torch.equal(unsynced[0][1].running_mean, bn["0.1.running_mean"]))])
         dist.all_reduce(differ)
         assert int(differ) >= 1
+        dist.barrier()      # see _ddp_worker
     finally:
         dist.destroy_process_group()
 
@@ -380,6 +381,7 @@ def _fsdp_worker(rank, tmp):
             raised = 1
         assert raised == 1
         torch.save({"state_bytes": state_b, "param_bytes": param_b}, tmp / f"fsdp{rank}.pt")
+        dist.barrier()      # see _ddp_worker (seen here: SIGSEGV once, in a full run under load)
     finally:
         dist.destroy_process_group()
 

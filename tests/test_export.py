@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import oscqat
-from oscqat.convert import int_layers
+from oscqat.export.convert import int_layers
 
 torch.set_num_threads(1)
 

@@ -11,9 +11,9 @@ if not torch.cuda.is_available():
 
 import pytest
 
-import parity as P
-from oscqat import backend
-from oscqat import reference as ref
+from helpers import parity as P
+from oscqat.ops import backends as backend
+from oscqat.ops import reference as ref
 
 ALL = torch.arange(-128, 128, dtype=torch.int32)
 WRITTEN = {-128: (0, 0), -1: (0, -1), 0: (0, 0), 1: (0, 1), 3: (1, -1), 4: (1, 0), 5: (1, 1), 7: (2, -1),
@@ -64,7 +64,7 @@ def test_every_flag_value_gives_the_same_results_on_every_backend(name, device, 
     impl = backend.load(name)
     for seed, (damp, momentum) in enumerate([(False, 0.3), (True, 0.01)]):
         c = _all_flags_case(seed, channels, dtype, device)
-        # untracked and tracked forward, both backwards (tests/parity.py); then a second tracked step from the
+        # untracked and tracked forward, both backwards (tests/helpers/parity.py); then a second tracked step from the
         # state the first one wrote (re-encoded: only last_dir = 2, from 2 mod 4, survives of the unwritten values)
         state = P.check_weight(impl, c, damp=damp, momentum=momentum)
         P.check_weight(impl, dict(c, **state), damp=damp, momentum=momentum)

@@ -7,7 +7,7 @@ Run by bench/gpu_check.py's gpu-path and gpu-path-compiled stages (-k compiled) 
 targets (the `cpp` backend, and `triton` in the interpreter where cheap; compiled with aot_eager instead of
 inductor), so that this code runs in CI and cannot rot; the CUDA targets skip.
 
-Tolerances (tests/parity.py): outputs, integer states, masks and weight gradients are identical bits; losses
+Tolerances (tests/helpers/parity.py): outputs, integer states, masks and weight gradients are identical bits; losses
 and the gradients of scales and offsets are reductions (summation order): rtol 1e-5 / 1e-4. Against a compiled
 step (inductor fuses BatchNorm and ReLU in its own order), the float outputs and gradients within the existing
 compile test's tolerances (tests/test_triton_parity.py: rtol 1e-5 outputs, 1e-4 gradients), the per-weight
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 import oscqat
-from oscqat import backend
+from oscqat.ops import backends as backend
+
+from helpers.training import train_and_record
 
 # the training runs step the weights, not the scales, on purpose (see _train)
 pytestmark = pytest.mark.filterwarnings("ignore:oscqat. an optimizer updates the weights:UserWarning")
@@ -70,34 +72,14 @@ def _autocast(device: str, amp: bool):
 
 
 def _train(device, name, amp=False, compiled=False, batch_weights=False, steps=3):
-    """A few SGD steps on backend `name`. Scales and offsets get gradients but are not stepped (their gradients
-    are reductions, equal only up to summation order), so every forward output, weight gradient and state must
-    be the reference's bits. Returns the per-step outputs and the final state."""
+    """A few SGD steps on backend `name` (helpers.training.train_and_record: scales and offsets get gradients but
+    are not stepped, so every forward output, weight gradient and state must be the reference's bits). Returns
+    the per-step outputs and the final state."""
     with oscqat.use_backend(name):
         model, x = _model(device, batch_weights)
         fwd = torch.compile(model, backend="inductor" if device == "cuda" else "aot_eager") if compiled else model
-        lsq = [p for n, p in model.named_parameters() if n.endswith(("scale", "offset")) and p.requires_grad]
-        rest = [p for n, p in model.named_parameters() if not n.endswith(("scale", "offset"))]
-        opt = torch.optim.SGD(rest, lr=2.0)         # large enough steps to make weights oscillate and freeze
-        sched = oscqat.QATSchedule(model, steps)
-        outs = []
-        for _ in range(steps):
-            with _autocast(device, amp):
-                y = fwd(x)
-                loss = y.float().square().mean() + 0.1 * oscqat.dampening_loss(model)
-            loss.backward()
-            outs.append((y.detach().clone(), loss.detach().clone(), [p.grad.clone() for p in rest],
-                         [p.grad.clone() for p in lsq]))
-            opt.step()
-            opt.zero_grad()
-            for p in lsq:
-                p.grad = None
-            sched.step()
-        model.eval()
-        with torch.no_grad(), _autocast(device, amp):
-            outs.append((model(x).detach().clone(), None, [], []))
-        state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        return outs, state
+        # large enough steps to make weights oscillate and freeze
+        return train_and_record(model, x, steps, lr=2.0, fwd=fwd, autocast=lambda: _autocast(device, amp))
 
 
 def _frozen(state) -> int:

@@ -91,7 +91,7 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
 
 def test_oscqat_and_its_application_import_without_cycles():
     graph = import_graph(ROOT / "oscqat")
-    assert "oscqat.app.train" in graph and "oscqat.quantizers" in graph
+    assert "oscqat.app.train" in graph and "oscqat.nn.quantizers" in graph
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n\n".join(_explain(graph, c) for c in found)
 
@@ -101,3 +101,30 @@ def test_the_application_is_built_on_the_library_alone():
     graph = import_graph(ROOT / "oscqat")
     lib = {m: e for m, e in graph.items() if not m.startswith("oscqat.app")}
     assert not {m: e for m, e in lib.items() if any(x.startswith("oscqat.app") for x in e)}
+
+
+# The library's rooms, each importing only rooms listed before it (and oscqat.errors, which imports nothing).
+ROOMS = ("oscqat.ops", "oscqat.nn", "oscqat.training", "oscqat.export")
+
+
+def _room(module: str) -> str | None:
+    return next((r for r in ROOMS if module == r or module.startswith(r + ".")), None)
+
+
+def test_rooms_import_only_earlier_rooms():
+    """ops (the op contract and backends) <- nn (modules, prepare) <- training, export: a room never imports a
+    later one, so each can be read knowing only the rooms before it. training and export do not import each other."""
+    graph = import_graph(ROOT / "oscqat")
+    assert {_room(m) for m in graph} >= set(ROOMS)
+    wrong = []
+    for mod, edges in graph.items():
+        here = _room(mod)
+        if here is None:
+            continue
+        for e in edges:
+            there = _room(e)
+            if there is None:
+                assert e in ("oscqat", "oscqat.errors", "oscqat._C"), f"{mod} imports {e}, outside the rooms"
+            elif there != here and (ROOMS.index(there) > ROOMS.index(here) or min(ROOMS.index(here), ROOMS.index(there)) >= 2):
+                wrong.append(f"{mod} -> {e}")
+    assert not wrong, "a room imports a later one: " + ", ".join(sorted(wrong))

@@ -27,4 +27,4 @@ def test_resolve_is_marked_as_torch_compiler_marks_a_constant():
     marked = torch.compiler.assume_constant_result(f)
     attrs = {k for k in vars(marked) if k.startswith("_dynamo")}
     assert attrs == {"_dynamo_marked_constant"} and marked._dynamo_marked_constant is True
-    assert oscqat.backend.resolve._dynamo_marked_constant is True
+    assert oscqat.ops.backends.resolve._dynamo_marked_constant is True

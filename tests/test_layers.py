@@ -8,8 +8,8 @@ from torch import nn
 
 import oscqat
 from oscqat.app.models import mobilenet_v2
-from oscqat.schedule import cosine_ramp
-from training import STATE, assert_same, make_opt, qat_model, snapshot, train_steps
+from oscqat.training.schedule import cosine_ramp
+from helpers.training import STATE, assert_same, make_opt, qat_model, snapshot, train_steps
 
 def test_prepare_swaps_every_layer_with_first_and_last_at_8_bits():
     model = mobilenet_v2()

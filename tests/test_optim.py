@@ -24,7 +24,7 @@ def _model():
 
 
 # ------------------------------------------------------------------ the setups as they were written before
-def _before_train(model, args, total):            # oscqat/app/train.py, Trainer.setup
+def _before_train(model, args, total):            # oscqat/app/qat_stage.py, Trainer.setup
     decay, no_decay, quant = split_params(model)
     opt_w = torch.optim.SGD([{"params": decay, "weight_decay": args["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args["lr"], momentum=0.9)

@@ -9,7 +9,7 @@ from sklearn.datasets import load_sample_image
 
 import oscqat
 from oscqat.app import models as M
-from oscqat.app.train import build_model
+from oscqat.app.models import build_model
 
 
 def _china(size=224):

@@ -136,8 +136,8 @@ def test_main_command_sets_up_the_data_and_its_job_arguments_parse():
     assert "apt-get install" in cmd and "dataset-fashion-mnist" in cmd and "echo" in cmd
     job = cmd[cmd.index("oscqat train"):]
     argv = shlex.split(job)[1:]
-    from oscqat.app import train
+    from oscqat.app.args import add_arguments
     p = argparse.ArgumentParser()
-    train.add_arguments(p)
+    add_arguments(p)
     args = p.parse_args(argv[1:])
     assert argv[0] == "train" and args.subset == 20000 and args.threads == 1 and args.out == "runs/default"

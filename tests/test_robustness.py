@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import oscqat
-from oscqat import reference as ref
-from oscqat.quantizers import SCALE_MIN
+from oscqat.ops import reference as ref
+from oscqat.nn.quantizers import SCALE_MIN
 
 
 def cnn(classes=10):
@@ -87,7 +87,7 @@ def test_a_scale_below_the_floor_quantizes_as_the_floor_and_gets_its_gradient():
 def test_an_optimizer_step_at_most_halves_a_scale():
     """A step larger than the scale (a fresh EfficientNet-B0's depthwise scale 0.0044 got dL/ds = 1.6 at SGD lr
     1e-2) would otherwise land on the floor, saturate every weight and overflow the gradients a step later."""
-    from oscqat.step_hook import SCALE_KEEP
+    from oscqat.nn.step_hook import SCALE_KEEP
     lin = oscqat.QuantLinear(4, 6, name="fc", config=oscqat.QATConfig(quantize_activations=False))
     lin.weight_quant.scale.data.fill_(0.004)
     scale = lin.weight_quant.scale
@@ -301,9 +301,9 @@ def test_inductor_step_checks_activations_in_the_backward(bad):
         model[4].bias[3] = bad          # BatchNorm -> ReLU -> the next conv's input quantizer, "6.input"
     acts = {q.layer_name: q for q in oscqat.quantizers(model) if isinstance(q, oscqat.QuantAct)}
     loss = F.cross_entropy(compiled(x), y)
-    assert all(int(q.nonfinite) == 0 for q in acts.values())
+    assert all(int(q.fault) == 0 for q in acts.values())
     loss.backward()
-    assert int(acts["6.input"].nonfinite) == 1 and int(acts["3.input"].nonfinite) == 0
+    assert int(acts["6.input"].fault) == 1 and int(acts["3.input"].fault) == 0
     with pytest.raises(oscqat.NonFiniteError, match=r"^6.input: a NaN or infinite value entered"):
         opt.step()
 
@@ -312,7 +312,7 @@ def test_weight_checksum_does_not_depend_on_summation_order():
     """The weight-change check compares an eager checksum (after the step) with one the next forward computes,
     which under torch.compile is a generated reduction: an fp32 sum differed there in its last bits. The sum
     wraps (bit patterns of unit-scale floats are ~1e9, so 1728 of them overflow 32 bits many times)."""
-    from oscqat.weight_check import checksum
+    from oscqat.nn.weight_check import checksum
     compiled = torch.compile(checksum)
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(64, 3, 3, 3).to(dtype)
@@ -335,7 +335,27 @@ def test_inductor_training_steps_do_not_raise_weight_changed():
         opt.step()
         opt.zero_grad()
     for q in oscqat.weight_quantizers(model):
-        assert int(q.nonfinite) == 0, q.layer_name
+        assert int(q.fault) == 0, q.layer_name
+
+
+def test_a_layer_built_by_hand_compiles_with_the_weight_check():
+    """A layer built by hand (no prepare, never moved with .to()) compiles and trains: the checksum tensors its
+    compiled forward reads exist from construction on; a change behind the optimizer's back is flagged by that
+    forward and raised by the next step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(oscqat.QuantLinear(4, 3, weight_bits=4, act_bits=8, name="fc"))
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        compiled(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    compiled(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(oscqat.WeightChangedError, match=r"^fc\.weight: the weight changed"):
+        opt.step()
 
 
 # ------------------------------------------------------------------ API traps

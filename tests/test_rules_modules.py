@@ -1,6 +1,6 @@
 """The rules of docs/semantics.md through the public modules (WeightQuantizer, QuantAct, QuantConv2d,
-QATSchedule, TransitionRateSchedule), so that the constants and flags that oscqat/quantizers.py and
-oscqat/ops.py hand to every backend are checked: the LSQ gradient scales 1/sqrt(N_c p) and 1/sqrt(F p), the
+QATSchedule, TransitionRateSchedule), so that the constants and flags that oscqat/nn/quantizers.py and
+oscqat/ops/library.py hand to every backend are checked: the LSQ gradient scales 1/sqrt(N_c p) and 1/sqrt(F p), the
 dampening divisor, momentum, the `tracked` flag, the scale floor, the schedules. Hand-derived numbers, as in
 tests/test_rules_reference.py; each test runs on every CPU backend.
 """
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import oscqat
-from oscqat.backend import available
-from oscqat.transition import target_rate
+from oscqat.ops.backends import available
+from oscqat.training.transition import target_rate
 
 F = np.float32
 
@@ -299,6 +299,34 @@ def test_quant_conv2d_forward_and_every_gradient_by_hand():
                                                                 rel=1e-5)
 
 
+def test_a_weight_changed_outside_the_optimizer_is_refused_by_the_next_tracked_forward():
+    # docs/semantics.md, "Weights changed outside the optimizer": a torch.optim step records the checksum of the
+    # layer's weight; the step's first training forward raises when the weight differs (here through .data, which
+    # moves no version counter), before any state is written; eval forwards are not checked; arm_tracking accepts
+    # the weight as it is. On each CPU backend (the torch backend checks in Python, cpp inside its C++ op).
+    cfg = oscqat.QATConfig(4, 4, "dampen+freeze", quantize_activations=False, first_last_bits=None)
+    layer = oscqat.QuantLinear(3, 2, bias=False, config=cfg, name="fc").train()
+    q = layer.weight_quant
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = _t([[1.0, -2.0, 0.5]])
+    for _ in range(2):
+        layer(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert q.weight_ref is not None and q.armed
+    state = [t.clone() for t in (q.prev_int, q.flags, q.freq, q.ema)]
+    layer.weight.data.mul_(1.5)
+    layer.eval()
+    layer(x)                                                 # not checked
+    layer.train()
+    with pytest.raises(oscqat.WeightChangedError, match=r"^fc\.weight: the weight changed outside the optimizer"):
+        layer(x)
+    assert all(torch.equal(a, b) for a, b in zip(state, (q.prev_int, q.flags, q.freq, q.ema))) and q.armed
+    oscqat.arm_tracking(layer)                               # a deliberate change, accepted
+    layer(x).sum().backward()
+    assert not q.armed
+
+
 # ---------------------------------------------------------------- schedules
 def _three_linear(method):
     torch.manual_seed(0)
@@ -350,6 +378,31 @@ def test_arm_tracking_arms_every_quantizer():
     assert len(qs) == 4 and not any(q.armed for q in qs)
     oscqat.arm_tracking(model)
     assert all(q.armed for q in qs)
+
+
+def test_schedule_step_records_weights_updated_without_torch_optim():
+    # docs/semantics.md, "Weights changed outside the optimizer": QATSchedule.step() records every layer's weight
+    # checksum, so an update made without a torch.optim optimizer is not taken for a change behind its back
+    cfg = oscqat.QATConfig(4, 4, "dampen+freeze", quantize_activations=False, first_last_bits=None)
+    model = oscqat.prepare(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), cfg, calib_data=[torch.randn(8, 4)],
+                           verbose=False)
+    sched = oscqat.QATSchedule(model, 10)
+    oscqat.arm_tracking(model)                               # records the weights as they are
+    for _ in range(3):
+        model(torch.randn(2, 4)).square().sum().backward()  # raises WeightChangedError on a stale record
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        sched.step()
+    assert all(q.weight_ref is not None for q in oscqat.weight_quantizers(model))
+
+
+def test_dampening_loss_without_dampening_is_a_zero_on_the_model_device():
+    cfg = oscqat.QATConfig(4, 4, "lsq", quantize_activations=False)
+    layer = oscqat.QuantLinear(2, 1, config=cfg)
+    layer(torch.ones(1, 2))
+    assert oscqat.dampening_loss(layer.to("meta")).device.type == "meta"
 
 
 def test_dampening_loss_sums_the_layers():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oscqat import reference as ref
+from oscqat.ops import reference as ref
 
 F = np.float32
 M, OM = F(0.1), F(1.0 - 0.1)          # om = fp32(1 - m) computed in double (here equal to fp32 1 - fp32 m)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from oscqat import reference as ref
-from oscqat.ops import WeightQuantFn
+from oscqat.ops import reference as ref
+from oscqat.ops.library import WeightQuantFn
 
 f32 = np.float32
 

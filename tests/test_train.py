@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
+from oscqat.app.checkpoint import fp_problems  # noqa: E402
 from oscqat.app.cli import main  # noqa: E402
 from oscqat.app.data import read_idx  # noqa: E402
 
@@ -101,7 +102,7 @@ def test_fp_accuracy_is_measured_with_reestimated_bn(tmp_path, capsys):
     assert rep["fp"]["fp_acc_running_bn"] < rep["fp_acc"]
     saved = torch.load(fp, weights_only=False)
     assert saved["fp_acc"] == rep["fp_acc"] and saved["dataset"] == "digits" and saved["image_size"] == [8, 8]
-    assert saved["fp_acc_method"] and saved["format"]
+    assert saved["bn"].startswith("re-estimated") and not fp_problems(saved)     # the one FP checkpoint format
     # loading it reuses the recorded accuracy (same full test set) and says where it comes from
     capsys.readouterr()
     assert main([*args[:-1], "--out", str(tmp_path / "b")]) == 0
@@ -237,7 +238,8 @@ def test_integer_traces_plot_actual_integers_of_the_most_oscillating_depthwise_l
     import oscqat
     from oscqat.app.models import small_mobilenet
     from oscqat.app.plots import integer_traces_figure, traces_of_most_oscillating
-    from oscqat.app.train import is_depthwise, pick_depthwise, quant_layers
+    from oscqat import is_depthwise, quant_layers
+    from oscqat.app.qat_stage import pick_depthwise
     model = oscqat.prepare(small_mobilenet(10, 1), oscqat.QATConfig(), verbose=False)
     layers = [(n, m) for n, m in quant_layers(model) if m.weight_quant.freq is not None]
     dw = [n for n, m in layers if is_depthwise(m)]
@@ -339,7 +341,7 @@ def test_plots_say_what_to_read_and_define_their_symbols():
     from oscqat.app.models import small_mobilenet
     from oscqat.app.plots import (grid_distance_figure, integer_traces_figure, oscillation_history_figure,
                                   traces_of_most_oscillating)
-    from oscqat.app.train import is_depthwise, quant_layers
+    from oscqat import is_depthwise, quant_layers
     model = oscqat.prepare(small_mobilenet(10, 1), oscqat.QATConfig(), verbose=False)
     dw = [n for n, m in quant_layers(model) if m.weight_quant.freq is not None and is_depthwise(m)]
     numel = model.get_submodule(dw[0]).weight.numel()

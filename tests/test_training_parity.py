@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import oscqat
-from oscqat import backend
-from training import make_opt, qat_model, train_steps
+from oscqat.ops import backends as backend
+from helpers.training import make_opt, qat_model, train_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton on CPU runs in its interpreter, ~20x slower than the reference: fewer steps there.

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import oscqat
-from oscqat.transition import REL_ERR_CLIP, TransitionRateSchedule, target_rate
+from oscqat.training.transition import REL_ERR_CLIP, TransitionRateSchedule, target_rate
 
 
 def _config(method="tr", **kw):
@@ -31,7 +31,7 @@ def _two_layers(method="tr", **kw):
 def _set_ints(layer, ints):
     with torch.no_grad():
         layer.weight.copy_(torch.tensor(ints, dtype=torch.float32).reshape(layer.weight.shape) * 0.1)
-    oscqat.arm_tracking(layer)     # a deliberate change outside the optimizer (oscqat/weight_check.py)
+    oscqat.arm_tracking(layer)     # a deliberate change outside the optimizer (oscqat/nn/weight_check.py)
 
 
 def _fake_counts(model, switched):

@@ -2,11 +2,11 @@
 no compile error, no register spill, no fused multiply-add, only IEEE divisions, and global loads/stores of
 aligned fp32/bf16 tensors vectorised to 16 bytes per instruction.
 
-What the launch code asks for is recorded by driving it (oscqat.kernels.aot), not copied here. This test
+What the launch code asks for is recorded by driving it (oscqat.kernels.triton.aot), not copied here. This test
 compiles, for each GPU, every kernel at the launch code's widest tile (2048 elements, 8 per thread: the most
 registers) with every state/dampening/tracking flag, for fp32 and bf16, on 16-byte-aligned tensors whose
 length is a multiple of 16 (so Triton may vectorise). CI's AOT stage (`python -m
-oscqat.kernels.aot`, .ci/run) compiles the larger cover: every feature combination and every tile shape.
+oscqat.kernels.triton.aot`, .ci/run) compiles the larger cover: every feature combination and every tile shape.
 """
 import json
 import os
@@ -20,7 +20,7 @@ pytest.importorskip("triton.backends.nvidia")
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from oscqat.kernels import aot
+    from oscqat.kernels.triton import aot
     # per-tensor weights of 4096 elements (a 1x2048 tile, as per-channel ones with K >= 2048); activations of 2^20
     log = aot.launches(shapes=[(1, 4096)], ns=[1 << 20], dtypes=(torch.float32, torch.bfloat16))
     cfgs = [c for c in aot.configs(log) if aot.elems_per_program(c) == 2048 or c.kernel == "_finalize_kernel"]
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 # bytes per element of each per-element tensor, read (ld) and written (st), by the bytes model in
-# kernels/__init__.py with E = element size (fp32 4, bf16 2); states: prev_int/flags int8, freq/ema fp32
+# kernels/triton/backend.py with E = element size (fp32 4, bf16 2); states: prev_int/flags int8, freq/ema fp32
 E_ARGS = {"w_ptr", "out_ptr", "g_ptr", "gw_ptr", "x_ptr", "y_ptr", "gx_ptr"}
 
 
@@ -87,7 +87,7 @@ def test_every_kernel_compiles_for_sm80_sm90_sm100(results):
 def test_no_spills_no_fma_ieee_division(results):
     results = results["results"]
     bad = [f"sm_{r['cap']} {r['describe']}: {msg}" for r in results if "error" not in r
-           for msg in __import__("oscqat.kernels.aot", fromlist=["problems"]).problems(r)]
+           for msg in __import__("oscqat.kernels.triton.aot", fromlist=["problems"]).problems(r)]
     assert not bad, "\n".join(bad)
     for r in results:
         if r["kernel"] != "_finalize_kernel":

@@ -21,12 +21,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import oscqat
-from oscqat import backend
-from oscqat import reference as ref
+from oscqat.ops import backends as backend
+from oscqat.ops import reference as ref
 
-import parity as P
+from helpers import parity as P
+from helpers.training import train_and_record
 
-K = pytest.importorskip("oscqat.kernels")
+K = pytest.importorskip("oscqat.kernels.triton.backend")
 DEV = os.environ.get("OSCQAT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 pytestmark = pytest.mark.skipif(not backend.available("triton", DEV),
@@ -221,30 +222,12 @@ def _tiny_model(per_channel):
 
 
 def _train(name, per_channel, steps=3):
-    """A few steps; scales and offsets stay put (their gradients are reductions, equal only up to summation
-    order), so every forward output, weight gradient and state must be bit-identical across backends."""
+    """A few steps (helpers.training.train_and_record); scales and offsets stay put (their gradients are
+    reductions, equal only up to summation order), so every forward output, weight gradient and state must be
+    bit-identical across backends."""
     with oscqat.use_backend(name):
         model, x = _tiny_model(per_channel)
-        lsq = [p for n, p in model.named_parameters() if n.endswith(("scale", "offset")) and p.requires_grad]
-        rest = [p for n, p in model.named_parameters() if not n.endswith(("scale", "offset"))]
-        opt = torch.optim.SGD(rest, lr=0.5)
-        sched = oscqat.QATSchedule(model, steps)
-        outs = []
-        for _ in range(steps):
-            y = model(x)
-            loss = y.square().mean() + 0.1 * oscqat.dampening_loss(model)
-            loss.backward()
-            outs.append((y.detach().clone(), loss.detach().clone(), [p.grad.clone() for p in rest],
-                         [p.grad.clone() for p in lsq]))
-            opt.step()
-            opt.zero_grad()
-            for p in lsq:
-                p.grad = None
-            sched.step()
-        model.eval()
-        outs.append((model(x).detach(), None, [], []))
-        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-        return outs, state
+        return train_and_record(model, x, steps, lr=0.5)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -296,8 +279,8 @@ def test_check_explains_why_triton_cannot_run():
     """In a fresh process: CPU tensors without TRITON_INTERPRET, and triton not importable at all."""
     code = textwrap.dedent("""
         import sys, torch
-        from oscqat import backend
-        import oscqat.kernels as K
+        from oscqat.ops import backends as backend
+        from oscqat.kernels.triton import backend as K
         if not K._INTERPRETED:
             try:
                 K.check("triton", "cpu")
@@ -309,7 +292,7 @@ def test_check_explains_why_triton_cannot_run():
         for m in [m for m in sys.modules if m == "triton" or m.startswith(("triton.", "oscqat.kernels"))]:
             del sys.modules[m]
         sys.modules["triton"] = None                  # import triton -> ImportError
-        import oscqat.kernels as K2
+        from oscqat.kernels.triton import backend as K2
         for dev in ("cpu", "cuda"):
             try:
                 K2.check("triton", dev)

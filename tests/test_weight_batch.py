@@ -11,8 +11,9 @@ from torch import nn
 from torch.profiler import profile
 
 import oscqat
-from oscqat import backend, weight_check
-from training import STATE, assert_same, make_opt, qat_model, snapshot, train_steps
+from oscqat.nn import weight_check
+from oscqat.ops import backends as backend
+from helpers.training import STATE, assert_same, make_opt, qat_model, snapshot, train_steps
 
 
 def _use(name: str):
@@ -147,7 +148,7 @@ def test_prepared_model_with_batch_weights_trains_bit_for_bit_as_without():
 
 
 def test_batch_weights_model_names_a_nan_weight_and_recovers_its_bookkeeping():
-    from oscqat import weight_batch
+    from oscqat.nn import weight_batch
     model, x = qat_model(seed=0, batch_weights=True)
     opts = make_opt(model)
     train_steps(model, opts, oscqat.QATSchedule(model, 40), x, 2)

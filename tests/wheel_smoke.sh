@@ -34,7 +34,7 @@ import sys
 import torch
 
 import oscqat
-from oscqat import backend, cpp_backend, reference as ref
+from oscqat.ops import backends as backend, cpp as cpp_backend, reference as ref
 
 here = os.path.realpath(oscqat.__file__)
 assert here.startswith(os.path.realpath(sys.prefix)), f"oscqat imported from {here}, not from the venv"

@@ -60,7 +60,7 @@ static inline void narrow(int64_t len, const float* __restrict buf, T* __restric
   for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(buf[i]);
 }
 
-// The checks of a step's first forward (oscqat/weight_check.py, docs/semantics.md "Non-finite values") over the
+// The checks of a step's first forward (oscqat/nn/weight_check.py, docs/semantics.md "Non-finite values") over the
 // bit patterns B of a block: `bad` gets 1 where an element's exponent bits are all ones (NaN or Inf), `sum` the
 // wrapping sum of the patterns (unsigned: wraps as the signed sum of weight_check.checksum does, by definition).
 template <typename B>

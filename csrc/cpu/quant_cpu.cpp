@@ -617,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_bwd(const at::Tensor& g, cons
 
 // The checks of a step's first training forward on the CPU (docs/semantics.md, "Non-finite values" and "Weight
 // changed"), in one pass over the weight just before the tracked kernel reads it again, from cache: 1 when
-// `finite` and the weight or scale holds NaN/Inf, else 2 when the weight's checksum (oscqat/weight_check.py)
+// `finite` and the weight or scale holds NaN/Inf, else 2 when the weight's checksum (oscqat/nn/weight_check.py)
 // differs from `ref`, else 0. Integer work on the bit patterns: any split over threads gives the same answer.
 template <typename B>
 static int64_t scan_weight(const at::Tensor& w, B exp_mask, const std::optional<at::Tensor>& ref, bool finite) {

@@ -1,20 +1,15 @@
 """What `oscqat train`, `oscqat eval` and `oscqat export` share: log lines and progress bars timed from the start
-of the run, phases that add their wall time to the report, evaluation, the device, the checkpoint's format and
-loader, and the training batches BatchNorm statistics are re-estimated over. Uses only oscqat's public API."""
+of the run, phases that add their wall time to the report, evaluation, the device, and the training batches
+BatchNorm statistics are re-estimated over. Uses only oscqat's public API."""
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .data import Batches
-
-CHECKPOINT = "checkpoint.pt"
-CKPT_FORMAT = 1
-
 
 _START = [time.time()]      # start of the current run: log lines carry the seconds elapsed since
 
@@ -139,19 +134,3 @@ def bn_batches(ds, args, device) -> Batches:
     """The training batches BatchNorm statistics are re-estimated over (FP model and QAT model alike)."""
     return Batches(ds.train_x, ds.train_y, args.batch_size, shuffle=True, seed=args.seed + 777, device=device,
                    max_batches=args.bn_batches)
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; expected the {CHECKPOINT} written by "
-                                f"`oscqat train --out DIR`")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors of many kinds
-        raise RuntimeError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}; expected the {CHECKPOINT} "
-                           f"written by `oscqat train`") from e
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT or "config" not in ck:
-        raise ValueError(f"{path} is not an `oscqat train` checkpoint (a full-precision --fp-checkpoint file "
-                         f"cannot be resumed or evaluated; pass the {CHECKPOINT} from the QAT --out folder)")
-    return ck

@@ -347,3 +347,18 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Per image: a horizontal flip with probability 1/2, then a random crop of the image zero-padded by `pad`
+    pixels ("zero": the normalised images' minimum, their background); pad=0: the flip only."""
+    n, c, h, w = x.shape
+    flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=float(x.min()))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    xp = torch.gather(xp, 2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :].expand(n, c, h, w)
+    return torch.gather(xp, 3, cols)

@@ -16,7 +16,8 @@ import oscqat
 
 from .cli import process_start
 from .data import Batches, describe, load_dataset
-from .common import _START, Phase, evaluate, load_checkpoint, log, resolve_device, with_progress
+from .checkpoint import load_checkpoint
+from .common import _START, Phase, evaluate, log, resolve_device, with_progress
 from .models import build_model
 
 

@@ -18,7 +18,8 @@ import oscqat
 from .cli import process_start
 from .data import describe as describe_data, load_dataset
 from .evaluate import json_to_stdout, load_model, trained_dataset
-from .common import _START, Phase, bn_batches, load_checkpoint, log, with_progress
+from .checkpoint import load_checkpoint
+from .common import _START, Phase, bn_batches, log, with_progress
 
 COMPARE_IMAGES = 256       # the batch onnxruntime is compared on (a few hundred ms of inference on a CPU)
 

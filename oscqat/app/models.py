@@ -240,6 +240,9 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     key = name.lower().replace("_", "-")
     if key in ("small-mobilenet", "small-mobilenetv2", "mobilenet-small"):
         return small_mobilenet(num_classes, in_channels)
+    if key in STUDY_VARIANTS:
+        k, g = STUDY_VARIANTS[key]
+        return small_mobilenet(num_classes, in_channels, dw_kernel=k, dw_group_width=g)
     if key in ("small-resnet", "resnet-small"):
         return small_resnet(num_classes, in_channels)
     if key in ("mobilenet-v2", "mobilenetv2"):

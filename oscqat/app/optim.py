@@ -45,9 +45,9 @@ def weight_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_sgd(model: nn.Module, lr: float, wd: float) -> torch.optim.SGD:
+def make_sgd(model: nn.Module, lr: float, wd: float, nesterov: bool = False) -> torch.optim.SGD:
     """SGD (momentum 0.9) over the weights and biases of `model` (the quantizer scales left out)."""
-    return torch.optim.SGD(weight_groups(model, wd), lr=lr, momentum=0.9)
+    return torch.optim.SGD(weight_groups(model, wd), lr=lr, momentum=0.9, nesterov=nesterov)
 
 
 class QATOptimizers(NamedTuple):
