@@ -125,6 +125,7 @@ def test_rooms_import_only_earlier_rooms():
             there = _room(e)
             if there is None:
                 assert e in ("oscqat", "oscqat.errors", "oscqat._C"), f"{mod} imports {e}, outside the rooms"
-            elif there != here and (ROOMS.index(there) > ROOMS.index(here) or min(ROOMS.index(here), ROOMS.index(there)) >= 2):
+            elif there != here and (ROOMS.index(there) > ROOMS.index(here)
+                                    or min(ROOMS.index(here), ROOMS.index(there)) >= 2):
                 wrong.append(f"{mod} -> {e}")
     assert not wrong, "a room imports a later one: " + ", ".join(sorted(wrong))

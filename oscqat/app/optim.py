@@ -74,8 +74,8 @@ def qat_optimizers(model: nn.Module, lr: float, weight_decay: float, scale_lr: f
         raise ValueError(f"scales={scales!r}: expected one of {SCALE_OPTIMIZERS}")
     if weight_schedule not in WEIGHT_SCHEDULES:
         raise ValueError(f"weight_schedule={weight_schedule!r}: expected one of {WEIGHT_SCHEDULES}")
-    decay, no_decay, quant = split_params(model)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_groups(model, weight_decay)
+    quant = split_params(model)[2]
     opt_w = torch.optim.SGD(groups, lr=lr, momentum=momentum) if weights == "sgd" else \
         torch.optim.AdamW(groups, lr=lr)
     opt_s = None

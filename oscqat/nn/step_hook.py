@@ -24,9 +24,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from ..errors import NonFiniteError, WeightChangedError
 from . import weight_check
 
-# A quantizer's 0-d int32 `fault` buffer: what the checks of the step's first training forward found, read after
-# the optimizer step without a sync (docs/semantics.md, "Non-finite values" and "A weight changed").
-FAULT_NONE, FAULT_NONFINITE, FAULT_WEIGHT_CHANGED = 0, 1, 2
+# A quantizer's 0-d int32 `fault` buffer holds what the checks of the step's first training forward found, read
+# here after the optimizer step without a sync (docs/semantics.md, "Non-finite values", "Weights changed outside
+# the optimizer"): 0 nothing, 1 a NaN or Inf (quantizers._nonfinite, the compiled activation backward), or this:
+FAULT_WEIGHT_CHANGED = 2
 
 
 _QUANTIZERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()     # WeightQuantizer and QuantAct

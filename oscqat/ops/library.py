@@ -156,8 +156,8 @@ def quantize_weight(w, scale, flags, ema, track_state, f_th, n, p, momentum, dam
     Function's forward and backward cost as much per layer and step as the kernels of a mid-sized layer
     (bench/results/cpu/docstring_numbers.md, `ops-weight-quant-op`). Same kernels, same values. `check_finite`,
     `weight_ref` (only where `checks_in_kernel`): raise RuntimeError(KERNEL_NONFINITE_ERROR / KERNEL_CHANGED_ERROR)
-    before anything is written when `w` or `scale` holds NaN/Inf, or when the checksum of `w` (weight_check.checksum) differs from
-    `weight_ref`."""
+    before anything is written when `w` or `scale` holds NaN/Inf, or when the checksum of `w`
+    (weight_check.checksum) differs from `weight_ref`."""
     native = native_weight_op(backend)
     if native is None:
         if check_finite or weight_ref is not None:
