@@ -50,7 +50,6 @@ def measure(model: nn.Module, steps: int, batch: int, rank: int, qat: bool) -> d
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
     sched = oscqat.QATSchedule(ddp, 1000) if qat else None
     g = torch.Generator().manual_seed(rank)
-    per_step = []
     t0 = None
     for step in range(steps + 1):
         if step == 1:

@@ -281,7 +281,7 @@ def grid_distance(model: nn.Module, bins: int = 40) -> dict:
     """Fig. 3: histogram of w/s - round(w/s) (latent weight's distance to its grid point, in units of s) of the
     in-range weights of the tracked layers, per layer kind; frozen weights excluded."""
     out = {}
-    for name, layer in _quant_layers(model):
+    for name, layer in oscqat.quant_layers(model):
         q = layer.weight_quant
         if q.freq is None:
             continue
@@ -295,14 +295,9 @@ def grid_distance(model: nn.Module, bins: int = 40) -> dict:
     return out
 
 
-def _quant_layers(model):
-    from oscqat.nn.prepare import quant_layers
-    return quant_layers(model)
-
-
 def osc_layers(model) -> list[dict]:
     rep = oscqat.oscillation_report(model)
-    kinds = {n: (layer_kind(l), int(l.weight[0].numel())) for n, l in _quant_layers(model)}
+    kinds = {n: (layer_kind(l), int(l.weight[0].numel())) for n, l in oscqat.quant_layers(model)}
     return [{"layer": r["layer"], "kind": kinds[r["layer"]][0], "fan_in": kinds[r["layer"]][1], "numel": r["numel"],
              "osc_pct": r["osc_pct"], "osc_unfrozen_pct": r["osc_unfrozen_pct"], "frozen_pct": r["frozen_pct"],
              "mean_freq": r["mean_freq"]} for r in rep["layers"]]

@@ -680,7 +680,7 @@ def main(argv=None) -> int:
     print()
     print(write_outputs(meta, results))
     print(f"gpu_check: {meta['verdict']}; results in {ctx.results}"
-          + (f" (and in $OUT: gpu_check_summary.md, gpu_check_machine.json, gpu_check_results.tar.gz)"
+          + (" (and in $OUT: gpu_check_summary.md, gpu_check_machine.json, gpu_check_results.tar.gz)"
              if os.environ.get("OUT") and not args.dry_run else ""))
     return rc
 

@@ -12,8 +12,9 @@ from .ops.backends import get_backend, set_backend, use_backend
 # the modules and prepare
 from .nn.config import METHODS, QATConfig
 from .nn.fold import fold_bn
-from .nn.layers import QuantConv1d, QuantConv2d, QuantLinear, is_depthwise
-from .nn.prepare import prepare, quant_layers, quantizers, weight_quantizers
+from .nn.layers import (QuantConv1d, QuantConv2d, QuantLinear, is_depthwise, quant_layers, quantizers,
+                        weight_quantizers)
+from .nn.prepare import prepare
 from .nn.quantizers import QuantAct, WeightQuantizer, quantize_weights
 from .nn.summary import PrepareSummary
 from .nn.wrappers import exclude_state_from_ddp, unwrap

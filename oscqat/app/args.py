@@ -152,6 +152,11 @@ def qat_config(a: argparse.Namespace) -> QATConfig:
                      calib_batches=a.calib_batches, batch_weights=getattr(a, "batch_weights", False))
 
 
+def recorded_args(args: argparse.Namespace) -> dict:
+    """The arguments as a checkpoint and report.json record them (what `restore_args` takes back)."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
 def restore_args(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
     """The resumed run's own arguments, but RESUME_OVERRIDES from the command line."""
     new = argparse.Namespace(**saved)

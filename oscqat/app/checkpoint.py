@@ -66,10 +66,20 @@ def save_fp(path, ck: dict) -> None:
     why = fp_problems(ck)
     if why:
         raise ValueError(f"not a full-precision checkpoint: {'; '.join(why)}")
+    _save(path, ck)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write a QAT run checkpoint (`Trainer.state()`); a reader, or a resume after a kill, never sees a
+    half-written file."""
+    _save(path, state)
+
+
+def _save(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ck, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 

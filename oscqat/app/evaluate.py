@@ -17,7 +17,7 @@ import oscqat
 from .cli import process_start
 from .data import Batches, describe, load_dataset
 from .checkpoint import load_checkpoint
-from .common import _START, Phase, evaluate, log, resolve_device, with_progress
+from .common import _START, Phase, bn_batches, evaluate, log, resolve_device, with_progress
 from .models import build_model
 
 
@@ -71,6 +71,17 @@ def trained_dataset(ck: dict) -> dict:
     return info
 
 
+def load_trained_dataset(ck: dict, data_dir=None, test_subset=None):
+    """The dataset the checkpoint was trained on, as it was loaded then (subset, image size, seed); `data_dir`
+    (else the recorded folder, where it still exists) and `test_subset` (else the recorded one) override."""
+    a, saved = ck["args"], trained_dataset(ck)
+    path = saved.get("path") if saved["name"] == "fashion-mnist" else None
+    data_dir = data_dir or (path if path and Path(path).is_dir() else None)
+    return load_dataset(saved["spec"], data_dir, subset=a.get("subset"),
+                        test_subset=test_subset or a.get("test_subset"), image_size=a.get("image_size"),
+                        seed=a.get("seed", 0))
+
+
 def _mismatch(saved: dict, ds) -> list[str]:
     why = []
     if saved.get("name") != ds.name:
@@ -111,12 +122,8 @@ def _run(args: argparse.Namespace, t0: float):
     device = resolve_device(args.device)
     with oscqat.use_backend(args.backend):
         if args.dataset is None:
-            path = saved.get("path") if saved["name"] == "fashion-mnist" else None
-            data_dir = args.data_dir or (path if path and Path(path).is_dir() else None)
             try:
-                ds = load_dataset(saved["spec"], data_dir, subset=a.get("subset"),
-                                  test_subset=args.test_subset or a.get("test_subset"),
-                                  image_size=a.get("image_size"), seed=a.get("seed", 0))
+                ds = load_trained_dataset(ck, args.data_dir, args.test_subset)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"the checkpoint was trained on {saved['name']} ({saved.get('path')}), "
                                         f"which cannot be loaded here: {e}") from e
@@ -141,8 +148,8 @@ def _run(args: argparse.Namespace, t0: float):
         with Phase(args, timings, "eval_s", f"eval: the checkpoint on {len(ds.test_y)} test images"):
             pre = evaluate(model, with_progress(test, "eval", args))
         n_bn = args.bn_batches or a.get("bn_batches", 50)
-        batches = Batches(ds.train_x, ds.train_y, bs, shuffle=True, seed=a.get("seed", 0) + 777, device=device,
-                          max_batches=n_bn)
+        run_args = argparse.Namespace(**dict(a, batch_size=bs, bn_batches=n_bn, seed=a.get("seed", 0)))
+        batches = bn_batches(ds, run_args, device)     # the batches `oscqat train` re-estimates over
         with Phase(args, timings, "bn_reestimate_s", f"BN re-estimation over {len(batches)} training batches"):
             oscqat.reestimate_bn(model, with_progress(batches, "BN re-estimation", args), num_batches=n_bn)
         with Phase(args, timings, "eval_s", "eval: after BN re-estimation"):

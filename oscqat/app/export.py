@@ -16,8 +16,8 @@ import torch
 import oscqat
 
 from .cli import process_start
-from .data import describe as describe_data, load_dataset
-from .evaluate import json_to_stdout, load_model, trained_dataset
+from .data import describe as describe_data
+from .evaluate import json_to_stdout, load_model, load_trained_dataset
 from .checkpoint import load_checkpoint
 from .common import _START, Phase, bn_batches, log, with_progress
 
@@ -91,13 +91,9 @@ def run(args: argparse.Namespace) -> int:
     timings: dict = {"startup_s": time.time() - t0}
     ck = load_checkpoint(args.checkpoint)
     a = ck["args"]
-    saved = trained_dataset(ck)
-    path = saved.get("path") if saved["name"] == "fashion-mnist" else None
-    data_dir = args.data_dir or (path if path and Path(path).is_dir() else None)
     with json_to_stdout(args):      # with --json, the progress lines go to stderr
         t = time.time()
-        ds = load_dataset(saved["spec"], data_dir, subset=a.get("subset"), test_subset=a.get("test_subset"),
-                          image_size=a.get("image_size"), seed=a.get("seed", 0))
+        ds = load_trained_dataset(ck, args.data_dir)
         timings["data_s"] = time.time() - t
         log(args, f"data: {describe_data(ds.info)} (the checkpoint's; loaded in {timings['data_s']:.1f} s); "
                   f"{torch.get_num_threads()} torch threads")

@@ -3,7 +3,6 @@
 QAT format). Uses only oscqat's public API."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +13,8 @@ from torch import nn
 
 import oscqat
 
-from .checkpoint import CKPT_FORMAT
+from .args import recorded_args
+from .checkpoint import CKPT_FORMAT, save_checkpoint
 from .common import Progress, bn_batches, log
 from .data import Batches
 from .launch import Dist
@@ -96,7 +96,7 @@ class Trainer:
 
     def state(self) -> dict:
         return {"format": CKPT_FORMAT, "model": self.model.state_dict(), "config": asdict(self.config),
-                "args": {k: v for k, v in vars(self.args).items() if k != "func"},
+                "args": recorded_args(self.args),
                 "schedule": self.sched.state_dict(), "opt_w": self.opt_w.state_dict(),
                 "talr": self.talr.state_dict() if getattr(self, "talr", None) else None,
                 "opt_s": self.opt_s.state_dict() if self.opt_s else None, "lr_w": self.lr_w.state_dict(),
@@ -126,11 +126,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
 
     def save(self, path: Path, epochs_log: list) -> None:
-        state = self.state()
-        state["epochs_log"] = epochs_log
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)       # a reader (or a resume after a kill) never sees a half-written file
+        save_checkpoint(path, dict(self.state(), epochs_log=epochs_log))
 
     def fit(self, ckpt: Path, epochs_log: list, timings: dict) -> bool:
         """The remaining QAT epochs, the checkpoint written after each (rank 0); False when --stop-after-epoch

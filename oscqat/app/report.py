@@ -14,6 +14,7 @@ import torch
 
 import oscqat
 
+from .args import recorded_args
 from .checkpoint import CHECKPOINT
 from .common import Phase, evaluate, log, with_progress
 from .launch import Dist
@@ -30,11 +31,6 @@ def versions() -> dict:
     return v
 
 
-def resolved_backend(device: torch.device) -> str:
-    """The kernel backend the current setting runs on `device`."""
-    return oscqat.get_backend(device.type)
-
-
 def finish(args, ds, trainer, dist: Dist, device, out: Path, fp_info: dict, epochs_log: list, timings: dict,
            t0: float, earlier_s: float = 0.0) -> dict:
     """Evaluate, write --out's files and return the report; the other ranks take part in the BN re-estimation
@@ -46,11 +42,10 @@ def finish(args, ds, trainer, dist: Dist, device, out: Path, fp_info: dict, epoc
         log(args, f"quantized test accuracy before BN re-estimation: {acc_pre:.2f}%")
     rep = oscqat.oscillation_report(model)
     bn_model = copy.deepcopy(model)
-    with Phase(args, timings, "bn_reestimate_s",
-               f"BN re-estimation over {len(trainer.bn_batches())} training batches"
+    bn = trainer.bn_batches()
+    with Phase(args, timings, "bn_reestimate_s", f"BN re-estimation over {len(bn)} training batches"
                + (f", {dist.world} processes, statistics averaged" if dist.world > 1 else "")):
-        oscqat.reestimate_bn(bn_model, with_progress(trainer.bn_batches(), "BN re-estimation", args),
-                             num_batches=args.bn_batches)
+        oscqat.reestimate_bn(bn_model, with_progress(bn, "BN re-estimation", args), num_batches=args.bn_batches)
     if not dist.main:
         return {"rank": dist.rank, "world_size": dist.world}
     with Phase(args, timings, "eval_s", "eval: quantized model after BN re-estimation"):
@@ -64,9 +59,9 @@ def finish(args, ds, trainer, dist: Dist, device, out: Path, fp_info: dict, epoc
         "osc_pct": rep["total"]["osc_pct"], "osc_unfrozen_pct": rep["total"]["osc_unfrozen_pct"],
         "frozen_pct": rep["total"]["frozen_pct"], "mean_freq": rep["total"]["mean_freq"],
         "osc_threshold": rep["threshold"], "layers": rep["layers"], "epochs": epochs_log, "timings": timings,
-        "config": asdict(config), "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": asdict(config), "args": recorded_args(args),
         "fp": fp_info, "device": str(device), "threads": torch.get_num_threads(),
-        "backend": resolved_backend(device), "steps": trainer.step, "versions": versions(),
+        "backend": oscqat.get_backend(device.type), "steps": trainer.step, "versions": versions(),
         "checkpoint": str(out / CHECKPOINT), "world_size": dist.world,
         "distributed": {"processes": dist.world, "backend": dist.backend or "none",
                         "global_batch": args.batch_size, "batch_per_process": args.batch_size // dist.world},

@@ -17,6 +17,7 @@ from ..nn.batchnorm import foldable_bn
 from ..nn.layers import QuantConv1d, QuantConv2d, QuantLinear, _QuantLayer
 from ..nn.prepare import _set_submodule
 from ..nn.quantizers import QuantAct
+from ..nn.weight_check import is_dtensor
 from ..nn.wrappers import unwrap
 
 # The quantize/dequantize calls of the converted modules: torch's `quantized_decomposed` ops (registered by
@@ -221,10 +222,6 @@ def _fsdp_original_class(m: nn.Module):
     return None
 
 
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
-
-
 def _from_torch_distributed(hook) -> bool:
     owner = getattr(hook, "__self__", None)
     mod = getattr(hook, "__module__", None) or (type(owner).__module__ if owner is not None else "")
@@ -244,7 +241,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     call it), the original classes, and FSDP's hooks and state left out. `model` is left as it was."""
     model = unwrap(model)
     mods = list(model.modules())
-    sharded = any(_is_dtensor(p) for m in mods for p in m._parameters.values() if p is not None)
+    sharded = any(is_dtensor(p) for m in mods for p in m._parameters.values() if p is not None)
     if not sharded and not any(_fsdp_original_class(m) is not None for m in mods):
         return copy.deepcopy(model)
     saved = []
@@ -269,7 +266,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
                     dropped |= {k for k, h in hooks.items() if _from_torch_distributed(h)}
                     m.__dict__[attr] = type(hooks)((k, h) for k, h in hooks.items() if k not in dropped)
             for name, p in list(m._parameters.items()):
-                if _is_dtensor(p):
+                if is_dtensor(p):
                     m._parameters[name] = nn.Parameter(p.full_tensor().detach().clone(),
                                                        requires_grad=p.requires_grad)
             saved.append((m, entry))

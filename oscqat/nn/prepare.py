@@ -17,8 +17,8 @@ from . import weight_batch
 from .batchnorm import RUNNING_STATS
 from .config import QATConfig
 from .graph import Flow, fx_flow, traced_flow
-from .layers import FLOAT_TO_QUANT, _QuantLayer, quant_layers, quantizers, weight_quantizers  # noqa: F401
-from .quantizers import QuantAct, WeightQuantizer
+from .layers import FLOAT_TO_QUANT, _QuantLayer, quant_layers, weight_quantizers
+from .quantizers import QuantAct
 from .summary import PrepareSummary
 from .wrappers import exclude_state_from_ddp
 

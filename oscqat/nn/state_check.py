@@ -16,11 +16,12 @@ import torch
 
 from ..errors import InvalidStateError
 from ..ops.reference import WRITTEN_FLAGS, decode_flags
+from .weight_check import is_dtensor
 
 
 def _values(t: torch.Tensor) -> torch.Tensor | None:
     """The tensor's values here (a DTensor's local part), or None when there are none to read (meta)."""
-    t = t.to_local() if hasattr(t, "to_local") else t
+    t = t.to_local() if is_dtensor(t) else t
     return None if t.is_meta else t.detach()
 
 

@@ -160,14 +160,23 @@ def _check_flags(owned: _Owned) -> None:
     if flags.device.type == "cpu":
         _raise_if_flagged(flags, checked)
         return
-    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=torch.cuda.is_available())
-    host.copy_(flags, non_blocking=True)
-    event = torch.cuda.Event() if flags.device.type == "cuda" else None
-    if event is not None:
-        event.record()
-    else:
-        host.copy_(flags)   # other accelerators: no event API here, so this read waits
-    owned.pending = (host, event, checked)
+    owned.pending = (*host_copy(flags), checked)
+
+
+def host_copy(t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """(host tensor, event): `t` copied to host memory without the host waiting for the device; read the host
+    tensor once the event has been reached (`event.query()`). Event None: readable now (a CPU tensor is its own
+    host copy; other accelerators have no event API here, so their copy waits)."""
+    if t.device.type == "cpu":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    host.copy_(t, non_blocking=True)
+    if t.device.type != "cuda":
+        host.copy_(t)
+        return host, None
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _raise_if_flagged(flags: torch.Tensor, quantizers) -> None:

@@ -29,7 +29,8 @@ def checksum(w: torch.Tensor) -> torch.Tensor:
     return w.detach().view(bits).sum(dtype=bits)
 
 
-def _is_dtensor(w) -> bool:
+def is_dtensor(w) -> bool:
+    """Whether `w` is a DTensor (an FSDP2 shard), without importing torch.distributed."""
     return type(w).__name__ == "DTensor" and hasattr(w, "to_local")
 
 
@@ -51,7 +52,7 @@ def record(layers, force: bool = False) -> None:
         q, version = m.weight_quant, w._version
         if force or q.weight_ref is None or getattr(q, "weight_ref_version", None) != version:
             d = q.__dict__       # the dict, not setattr (bench/results/cpu/docstring_numbers.md, quantizers-assign)
-            if _is_dtensor(w):
+            if is_dtensor(w):
                 region = shard_region(w)
                 q.weight_ref = checksum(w.to_local()[tuple(slice(0, n) for n in region[1])])
                 d["weight_ref_region"] = region
@@ -81,7 +82,7 @@ def changed(ref: torch.Tensor, w: torch.Tensor, region: tuple | None = None) -> 
     checksum recorded on a shard) differs from `ref`."""
     if region is not None:
         offset, shape, dtype = region
-        if w.dtype != dtype or _is_dtensor(w):      # mixed precision (another dtype than the shard's): unchecked
+        if w.dtype != dtype or is_dtensor(w):      # mixed precision (another dtype than the shard's): unchecked
             return torch.zeros((), dtype=torch.bool, device=w.device)
         w = w[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
     return checksum(w) != ref

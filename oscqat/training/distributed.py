@@ -13,6 +13,7 @@ from torch import nn
 
 from ..nn.layers import quant_layers, weight_quantizers
 from ..nn.quantizers import STATE_NAMES
+from ..nn.step_hook import host_copy
 from ..nn.wrappers import prepared, state_buffer_names, unwrap
 
 
@@ -109,10 +110,7 @@ class StateConsistencyCheck:
         host, event = both, None
         if both.device.type == "cuda":
             work.wait()       # the current stream waits for the collective; the host does not
-            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-            host.copy_(both, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            host, event = host_copy(both)
             work = None
         self._pending = (work, event, host, names, self.steps)
 
